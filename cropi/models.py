@@ -1,0 +1,337 @@
+"""Load any HF causal LM (offline) or the embedded tiny default; tokenise, batch, score, sample.
+
+The tiny default is a character-level tokenizer built with `tokenizers` and a ~1M-parameter
+Llama-architecture model from a config. It is built on first use under the cache folder
+(``$CROPI_CACHE`` or ``<repo>/.cache/cropi``) and warmed up by :mod:`cropi.warmup`; nothing is
+downloaded.
+
+Token conventions used everywhere in cropi:
+- prompt ids = ``encode_prompts(tokenizer, prompts)`` (BOS for the tiny model; the chat template
+  for tokenizers that have one, unless disabled);
+- response ids = the sampled tokens, ending with EOS unless truncated;
+- ``logp[i, t]`` = log π(input_ids[i, t] | input_ids[i, :t]) at a given temperature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+TINY = "tiny"
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+TINY_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+TINY_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+
+def cache_dir() -> Path:
+    """Where built artefacts live: $CROPI_CACHE, else <repo>/.cache/cropi in a source checkout,
+    else ~/.cache/cropi."""
+    if os.environ.get("CROPI_CACHE"):
+        return Path(os.environ["CROPI_CACHE"])
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").exists():
+        return repo / ".cache" / "cropi"
+    return Path.home() / ".cache" / "cropi"
+
+
+def tiny_path() -> Path:
+    return cache_dir() / "tiny"
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def build_tiny_tokenizer():
+    """Character-level fast tokenizer: one id per printable ASCII char and newline, plus
+    <pad>=0, <bos>=1, <eos>=2, <unk>=3. Encoding adds <bos> in front."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in TINY_CHARS:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="right",
+    )
+
+
+def build_tiny_model(tokenizer, seed: int = 0, **overrides):
+    """A fresh, randomly initialised ~0.9M-parameter Llama-architecture causal LM (float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**TINY_CONFIG, **overrides},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.float().eval()
+
+
+def save(model, tokenizer, path, info: dict | None = None) -> Path:
+    """save_pretrained both into ``path`` atomically (temp folder + rename); ``info`` -> cropi.json."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if info is not None:
+            (tmp / "cropi.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Policy:
+    """A causal LM with its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    path: str
+    chat_template: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_tokenizer(path):
+    """Tokenizer of a local folder. Tiny-model folders (cropi.json kind=tiny) load with
+    PreTrainedTokenizerFast directly: AutoTokenizer would swap in another pre-tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    info = path / "cropi.json"
+    if info.exists() and json.loads(info.read_text()).get("kind") == TINY:
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def resolve(name_or_path: str) -> Path | str:
+    """`tiny` -> the cached warmed tiny model (built and warmed on first use); a folder -> itself;
+    anything else is treated as a HF hub name resolved from the local cache only."""
+    if name_or_path == TINY:
+        path = tiny_path()
+        if not (path / "cropi.json").exists():
+            from cropi.warmup import warmup
+
+            warmup(out=path)
+        return path
+    p = Path(name_or_path)
+    return p if p.exists() else name_or_path
+
+
+def load(name_or_path: str = TINY, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         chat_template: bool | None = None) -> Policy:
+    """Load a policy offline. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
+    ``chat_template`` None = use the tokenizer's chat template when it has one."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name_or_path)
+    try:
+        tokenizer = load_tokenizer(path) if isinstance(path, Path) else _hub_tokenizer(path)
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: not a local folder and not in the local HF cache "
+            f"(cropi never downloads weights; fetch it first) — {str(e).splitlines()[0]}"
+        ) from None
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    return Policy(model, tokenizer, str(name_or_path), str(path), use_chat)
+
+
+def _hub_tokenizer(name):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+
+
+def fingerprint(model) -> str:
+    """Short content hash of a model: config plus every parameter's bytes (float32 view of a
+    strided sample for tensors over 1M elements, so large models hash in seconds)."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        t = p.detach().flatten()
+        if t.numel() > 1_000_000:
+            t = t[:: t.numel() // 1_000_000 + 1]
+        h.update(name.encode())
+        h.update(t.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- tokens
+
+
+def encode_prompts(policy: Policy, prompts: list[str]) -> list[list[int]]:
+    """Prompt token ids. With a chat template: one user message + the generation prompt."""
+    tok = policy.tokenizer
+    if policy.chat_template:
+        return [
+            list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True))
+            for p in prompts
+        ]
+    return [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+
+def decode_responses(policy: Policy, responses: list[list[int]]) -> list[str]:
+    return policy.tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, device="cpu"):
+    """Right-padded batch of prompt+response sequences.
+
+    Returns input_ids [N, T] long, attention_mask [N, T] long, response_mask [N, T] bool (True at
+    positions holding a response token), with T = max(len(prompt) + len(response)).
+    """
+    n = len(prompt_ids)
+    lens = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    T = max(lens)
+    input_ids = torch.full((n, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, T), dtype=torch.long)
+    resp = torch.zeros((n, T), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attn[i, : len(p) + len(r)] = 1
+        resp[i, len(p) : len(p) + len(r)] = True
+    return input_ids.to(device), attn.to(device), resp.to(device)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """log π(x_t | x_<t) at ``temperature`` for every position: [N, T] float32 (position 0 = 0).
+
+    Differentiable. With ``return_entropy`` also returns the per-position entropy [N, T]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    logits = logits.float() / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    lp = torch.gather(logits, -1, input_ids[:, 1:, None]).squeeze(-1) - logz
+    lp = F.pad(lp, (1, 0))
+    if not return_entropy:
+        return lp
+    p = torch.softmax(logits, dim=-1)
+    ent = F.pad(logz - (p * logits).sum(-1), (1, 0))
+    return lp, ent
+
+
+@torch.no_grad()
+def response_logprobs(policy: Policy, prompt_ids, response_ids, temperature: float = 1.0,
+                      micro_batch: int = 64) -> list[list[float]]:
+    """Per-token log-probabilities of each response under ``policy`` (a fresh forward pass)."""
+    out: list[list[float]] = []
+    pad = policy.tokenizer.pad_token_id
+    for s in range(0, len(prompt_ids), micro_batch):
+        ids, attn, rmask = pack(prompt_ids[s : s + micro_batch], response_ids[s : s + micro_batch], pad, policy.device)
+        lp = token_logprobs(policy.model, ids, attn, temperature).cpu()
+        for i in range(ids.shape[0]):
+            out.append(lp[i][rmask[i].cpu()].tolist())
+    return out
+
+
+@torch.no_grad()
+def sample(policy: Policy, prompt_ids: list[list[int]], *, temperature: float = 1.0, max_new_tokens: int = 32,
+           generator: torch.Generator | None = None, top_p: float = 1.0) -> list[list[int]]:
+    """Sample one response per prompt id list, all in one batched loop with a KV cache.
+
+    Prompts are left-padded; each response ends with EOS or is cut at ``max_new_tokens``
+    (truncated). Deterministic given ``generator`` and the batch. Returns response token ids.
+    """
+    model, tok = policy.model, policy.tokenizer
+    dev = policy.device
+    n = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    ids = torch.full((n, P), pad, dtype=torch.long)
+    attn = torch.zeros((n, P), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p) :] = torch.tensor(p)
+        attn[i, P - len(p) :] = 1
+    ids, attn = ids.to(dev), attn.to(dev)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=dev)
+    past = None
+    step_ids, step_pos = ids, pos
+    for t in range(max_new_tokens):
+        res = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        logits = res.logits[:, -1].float()
+        if temperature <= 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                probs = _top_p(probs, top_p)
+            nxt = torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs,
+                                    1, generator=generator).squeeze(-1).to(dev)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out[:, t] = nxt
+        newly = (~done) & (nxt == eos)
+        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+        done |= newly
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=dev)], dim=1)
+        step_ids = nxt[:, None]
+        step_pos = step_pos[:, -1:] + 1
+    out = out.cpu()
+    return [out[i, : int(lengths[i])].tolist() for i in range(n)]
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sp, si = probs.sort(dim=-1, descending=True)
+    keep = sp.cumsum(-1) - sp < top_p
+    sp = sp * keep
+    return torch.zeros_like(probs).scatter(-1, si, sp) / sp.sum(-1, keepdim=True)
+
+
+def is_truncated(response_ids: list[int], eos_id: int) -> bool:
+    return not response_ids or response_ids[-1] != eos_id

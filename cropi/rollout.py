@@ -1,0 +1,141 @@
+"""Offline rollouts: G sampled responses per prompt with rewards and behaviour log-probs.
+
+The pool is cut into fixed chunks of ``chunk`` prompts; chunk c is sampled with a generator
+seeded by ``derive_seed(seed, "rollout", c)`` so the result does not depend on where a run was
+interrupted. Finished chunks are kept in ``OUT.parts/`` and a resumed run (``resume=True``)
+samples only what is missing, then the chunks are concatenated into OUT atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cropi import models, schema, tasks
+from cropi.runtime import derive_seed, progress
+
+
+def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
+                 seed: int, top_p: float = 1.0, micro_batch: int = 512) -> dict[str, list]:
+    """Sample ``n`` responses for each prompt row (one batched loop), reward and score them.
+
+    Returns columns: responses [P][n] str, rewards [P][n] float, response_token_ids [P][n][L_ij],
+    behavior_logprobs [P][n][L_ij] (a fresh forward pass at ``temperature``)."""
+    prompt_ids = models.encode_prompts(policy, [r["prompt"] for r in rows])
+    flat_prompts = [p for p in prompt_ids for _ in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    resp_ids: list[list[int]] = []
+    for s in range(0, len(flat_prompts), micro_batch):
+        resp_ids += models.sample(policy, flat_prompts[s : s + micro_batch], temperature=temperature,
+                                  max_new_tokens=max_new_tokens, generator=g, top_p=top_p)
+    texts = models.decode_responses(policy, resp_ids)
+    flat_rows = [r for r in rows for _ in range(n)]
+    rew = tasks.rewards(texts, flat_rows)
+    logps = models.response_logprobs(policy, flat_prompts, resp_ids, temperature)
+
+    def group(xs):
+        return [xs[i * n : (i + 1) * n] for i in range(len(rows))]
+
+    return {
+        "responses": group(texts),
+        "rewards": group([float(x) for x in rew]),
+        "response_token_ids": group(resp_ids),
+        "behavior_logprobs": group(logps),
+    }
+
+
+def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperature: float = 1.0,
+            max_new_tokens: int = 32, seed: int = 0, chunk: int = 64, top_p: float = 1.0, resume: bool = False,
+            device: str = "cpu", limit: int | None = None, rank: int = 0, world: int = 1) -> Path:
+    """Roll out every prompt of ``prompts_path`` and write a trajectories Parquet file to ``out``.
+
+    With ``world > 1`` this process samples only the chunks c with c % world == rank and leaves
+    them in OUT.parts/; the caller merges once all ranks are done (see :func:`merge_parts`)."""
+    prompts_path, out = Path(prompts_path), Path(out)
+    table = schema.prompt_columns(schema.read_table(prompts_path))
+    if limit is not None:
+        table = table.slice(0, limit)
+    policy = models.load(model, device=device)
+    meta = {
+        "kind": "trajectories",
+        "prompts": str(prompts_path),
+        "prompts_sha256": schema.file_sha256(prompts_path) if prompts_path.is_file() else None,
+        "model": model,
+        "model_path": policy.path,
+        "fingerprint": models.fingerprint(policy.model),
+        "chat_template": policy.chat_template,
+        "n": n,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "chunk": chunk,
+        "rows": table.num_rows,
+    }
+    parts = _parts_dir(out)
+    if parts.exists() and not resume and world == 1:
+        shutil.rmtree(parts)  # a fresh single-process run starts over
+    parts.mkdir(parents=True, exist_ok=True)
+    _check_parts_meta(parts, meta, out)
+    behavior = f"{model}@{meta['fingerprint']}"
+    n_chunks = (table.num_rows + chunk - 1) // chunk
+    mine = [c for c in range(n_chunks) if c % world == rank]
+    todo = [c for c in mine if not (parts / f"chunk-{c:06d}.parquet").exists()]
+    bar = progress(total=len(mine) * chunk, desc=f"rollout{'' if world == 1 else f' rank {rank}'}", unit="prompt")
+    bar.update((len(mine) - len(todo)) * chunk)
+    for c in todo:
+        rows_tbl = table.slice(c * chunk, chunk)
+        cols = rollout_rows(policy, rows_tbl.to_pylist(), n=n, temperature=temperature,
+                            max_new_tokens=max_new_tokens, seed=derive_seed(seed, "rollout", c), top_p=top_p)
+        part = rows_tbl
+        for name, values in cols.items():
+            part = part.append_column(name, pa.array(values, type=schema.TRAJECTORY_SCHEMA.field(name).type))
+        part = part.append_column("behavior", pa.array([behavior] * part.num_rows, pa.string()))
+        schema.write_parquet_atomic(part, parts / f"chunk-{c:06d}.parquet")
+        bar.update(rows_tbl.num_rows)
+    bar.close()
+    if world == 1:
+        merge_parts(out, n_chunks)
+    return out
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _check_parts_meta(parts: Path, meta: dict, out: Path) -> None:
+    f = parts / "meta.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        diff = sorted(k for k in meta if old.get(k) != meta[k])
+        if diff:
+            raise schema.InputError(out, None, None, f"--resume: unfinished parts were made with other settings ({', '.join(diff)}); remove {parts} or match them")
+    else:
+        schema.write_json_atomic(meta, f)
+
+
+def merge_parts(out, n_chunks: int | None = None) -> Path:
+    """Concatenate OUT.parts/chunk-*.parquet (in chunk order) into OUT, atomically; remove parts."""
+    out = Path(out)
+    parts = _parts_dir(out)
+    meta = json.loads((parts / "meta.json").read_text())
+    files = sorted(parts.glob("chunk-*.parquet"))
+    if n_chunks is not None and len(files) != n_chunks:
+        raise RuntimeError(f"{parts}: {len(files)} of {n_chunks} chunks present; re-run with --resume")
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    if table is None:
+        raise RuntimeError(f"{parts}: no chunks")
+    table = table.replace_schema_metadata(None)
+    schema.write_parquet_atomic(table, out, metadata=meta)
+    shutil.rmtree(parts)
+    return out
+
+
+def rollout_meta(path) -> dict:
+    """Settings a trajectories file was sampled with ({} for files cropi did not write)."""
+    return schema.read_cropi_meta(path) if Path(path).suffix in (".parquet", ".pq") else {}

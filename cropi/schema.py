@@ -1,0 +1,395 @@
+"""Every on-disk format of cropi, and its validation, in one place (DESIGN §4).
+
+Formats
+- prompts:      id, prompt, answer, task, difficulty, split (+ optional metadata JSON str)
+- trajectories: prompt columns + responses, rewards, [response_token_ids], [behavior_logprobs], behavior
+- scores:       id, score, score__<target>..., rank, pass_rate, status
+- features index: id, grad_norm, n_tokens, status, reason
+
+Readers accept Parquet, JSONL (cropi rows or the public CROPI rollout lines
+``{prompt, answer, responses, rewards}``) and a ``datasets`` dataset saved with
+``save_to_disk``. Bad input raises :class:`InputError`, one line naming file, row and field.
+Writers go through a temporary name and an atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PASS_THRESHOLD = 0.5  # a response "passes" when its reward is at least this
+STATUSES = ("ok", "zero_signal", "skipped")
+
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("task", pa.string()),
+        ("difficulty", pa.int32()),
+        ("split", pa.string()),
+    ]
+)
+PROMPT_COLUMNS = tuple(PROMPT_SCHEMA.names)
+OPTIONAL_PROMPT_FIELDS = (pa.field("metadata", pa.string()),)  # reasoning-gym entry metadata (JSON)
+
+TRAJECTORY_FIELDS = (
+    pa.field("responses", pa.list_(pa.string())),
+    pa.field("rewards", pa.list_(pa.float32())),
+    pa.field("behavior", pa.string()),
+)
+OPTIONAL_TRAJECTORY_FIELDS = (
+    pa.field("response_token_ids", pa.list_(pa.list_(pa.int32()))),
+    pa.field("behavior_logprobs", pa.list_(pa.list_(pa.float32()))),
+)
+TRAJECTORY_SCHEMA = pa.schema(
+    list(PROMPT_SCHEMA) + list(OPTIONAL_PROMPT_FIELDS) + list(TRAJECTORY_FIELDS) + list(OPTIONAL_TRAJECTORY_FIELDS)
+)
+
+SCORES_FIELDS = (
+    pa.field("id", pa.string()),
+    pa.field("score", pa.float64()),
+    pa.field("rank", pa.int64()),
+    pa.field("pass_rate", pa.float64()),
+    pa.field("status", pa.string()),
+)
+SCORE_PREFIX = "score__"
+
+FEATURE_INDEX_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("grad_norm", pa.float64()),
+        ("n_tokens", pa.int64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+KINDS = ("prompts", "trajectories", "scores")
+
+
+class InputError(ValueError):
+    """Bad user input. ``str(err)`` is one line: ``FILE: row R: field F: message``."""
+
+    def __init__(self, path, row=None, field=None, message=""):
+        self.path, self.row, self.field, self.message = str(path), row, field, message
+        parts = [self.path]
+        if row is not None:
+            parts.append(f"row {row}")
+        if field is not None:
+            parts.append(f"field {field}")
+        super().__init__(": ".join(parts + [message]).replace("\n", " "))
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def stable_id(prompt: str, answer: str) -> str:
+    """Id for rows that come without one: 16 hex chars of sha1(prompt \\0 answer)."""
+    return hashlib.sha1(f"{prompt}\0{answer}".encode()).hexdigest()[:16]
+
+
+def _rows_to_table(rows: list[dict], path) -> pa.Table:
+    """JSONL rows (cropi or public-CROPI style) -> Arrow table with cropi column names."""
+    for i, row in enumerate(rows):
+        for name in ("prompt", "answer"):
+            if name not in row:
+                raise InputError(path, i, name, "missing column")
+        row.setdefault("id", stable_id(str(row["prompt"]), str(row["answer"])))
+        if "responses" in row:
+            row.setdefault("behavior", "unknown")
+        row.setdefault("task", "unknown")
+        row.setdefault("difficulty", 0)
+        row.setdefault("split", "train")
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    known = {f.name: f.type for f in TRAJECTORY_SCHEMA}
+    cols = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            cols[name] = pa.array(values, type=known.get(name))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            for i, v in enumerate(values):
+                try:
+                    pa.array([v], type=known.get(name))
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                    want = known.get(name, "the type of the other rows")
+                    raise InputError(path, i, name, f"wrong type: expected {want}, got {type(v).__name__} {v!r:.40}") from None
+            raise InputError(path, None, name, "inconsistent types across rows") from None
+    return pa.table(cols)
+
+
+def _read_raw(path: Path) -> pa.Table:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                raise InputError(path, None, None, f"a DatasetDict ({list(ds)}); pass one split's folder")
+            return ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
+        raise InputError(path, None, None, "a directory that is not a saved `datasets` dataset")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix in (".parquet", ".pq"):
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(path, None, None, f"not a readable Parquet file ({e})") from None
+    if suffix in (".jsonl", ".json", ".jsonl.gz"):
+        import gzip
+
+        opener = gzip.open if suffix.endswith(".gz") else open
+        rows = []
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(path, i, None, f"invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise InputError(path, i, None, "a JSON line must be an object")
+                rows.append(obj)
+        if not rows:
+            raise InputError(path, None, None, "no rows")
+        return _rows_to_table(rows, path)
+    raise InputError(path, None, None, f"unknown format {suffix!r} (expected .parquet, .jsonl or a datasets folder)")
+
+
+def detect_kind(table: pa.Table) -> str:
+    names = set(table.column_names)
+    if "responses" in names or "rewards" in names:
+        return "trajectories"
+    if "score" in names and "rank" in names:
+        return "scores"
+    return "prompts"
+
+
+def read_table(path, kind: str | None = None) -> pa.Table:
+    """Read and validate a prompts / trajectories / scores table from any supported format.
+
+    Columns are cast to the canonical Arrow types; extra columns are kept.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, None, None, "no such file")
+    table = _read_raw(path)
+    kind = kind or detect_kind(table)
+    return validate(table, kind, path)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _row_label(ids, i: int) -> str:
+    return f"{i} (id {ids[i]!r})" if ids is not None and ids[i] is not None else str(i)
+
+
+def _cast_column(table: pa.Table, field: pa.Field, path) -> pa.Table:
+    col = table.column(field.name)
+    if col.type == field.type:
+        return table
+    try:
+        new = col.cast(field.type, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        # find the first offending row for the message
+        row = None
+        for i, v in enumerate(col.to_pylist()):
+            try:
+                pa.array([v]).cast(field.type, safe=True)
+            except Exception:
+                row = i
+                break
+        raise InputError(path, row, field.name, f"wrong type: expected {field.type}, got {col.type} ({str(e).splitlines()[0]})") from None
+    return table.set_column(table.schema.get_field_index(field.name), field.name, new)
+
+
+def validate(table: pa.Table, kind: str, path="<table>") -> pa.Table:
+    """Check ``table`` against the ``kind`` contract; return it with canonical column types.
+
+    Raises InputError for: missing column, wrong type, null in a required field, duplicate id,
+    responses/rewards length mismatch, empty response list, non-finite reward, token-id /
+    behaviour-logprob length mismatches, bad status values.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown table kind {kind!r}")
+    if kind == "scores":
+        required = list(SCORES_FIELDS)
+        optional = []
+    else:
+        required = list(PROMPT_SCHEMA)
+        optional = list(OPTIONAL_PROMPT_FIELDS)
+        if kind == "trajectories":
+            required += list(TRAJECTORY_FIELDS)
+            optional += list(OPTIONAL_TRAJECTORY_FIELDS)
+    names = set(table.column_names)
+    for f in required:
+        if f.name not in names:
+            raise InputError(path, None, f.name, f"missing column (a {kind} table needs {[x.name for x in required]})")
+    for f in required + [f for f in optional if f.name in names]:
+        table = _cast_column(table, f, path)
+    if kind == "scores":
+        for name in table.column_names:
+            if name.startswith(SCORE_PREFIX):
+                table = _cast_column(table, pa.field(name, pa.float64()), path)
+
+    ids = table.column("id").to_pylist()
+    for f in required:
+        if f.name in ("score", "pass_rate"):  # NaN/null allowed for zero-signal rows
+            continue
+        col = table.column(f.name)
+        if col.null_count:
+            i = next(i for i, v in enumerate(col.to_pylist()) if v is None)
+            raise InputError(path, _row_label(ids, i), f.name, "null value")
+    seen: dict[str, int] = {}
+    for i, x in enumerate(ids):
+        if x in seen:
+            raise InputError(path, _row_label(ids, i), "id", f"duplicate id (first at row {seen[x]})")
+        seen[x] = i
+    if kind == "scores":
+        bad = [i for i, s in enumerate(table.column("status").to_pylist()) if s not in STATUSES]
+        if bad:
+            raise InputError(path, _row_label(ids, bad[0]), "status", f"must be one of {STATUSES}")
+        return table
+    if kind == "trajectories":
+        _validate_trajectories(table, ids, path)
+    return table
+
+
+def _validate_trajectories(table: pa.Table, ids, path) -> None:
+    responses = table.column("responses").to_pylist()
+    rewards = table.column("rewards").to_pylist()
+    tok = table.column("response_token_ids").to_pylist() if "response_token_ids" in table.column_names else None
+    lp = table.column("behavior_logprobs").to_pylist() if "behavior_logprobs" in table.column_names else None
+    if lp is not None and tok is None:
+        raise InputError(path, None, "behavior_logprobs", "given without response_token_ids (the tokens they score)")
+    for i, (resp, rew) in enumerate(zip(responses, rewards)):
+        row = _row_label(ids, i)
+        if not resp:
+            raise InputError(path, row, "responses", "empty response list")
+        if len(resp) != len(rew):
+            raise InputError(path, row, "rewards", f"{len(rew)} rewards for {len(resp)} responses")
+        for j, r in enumerate(rew):
+            if r is None or not math.isfinite(r):
+                raise InputError(path, row, "rewards", f"non-finite reward {r} at response {j}")
+        if tok is not None:
+            t = tok[i]
+            if t is None or len(t) != len(resp):
+                raise InputError(path, row, "response_token_ids", f"{0 if t is None else len(t)} token lists for {len(resp)} responses")
+            if lp is not None:
+                lpi = lp[i]
+                if lpi is None or len(lpi) != len(resp):
+                    raise InputError(path, row, "behavior_logprobs", f"{0 if lpi is None else len(lpi)} logprob lists for {len(resp)} responses")
+                for j, (tj, lj) in enumerate(zip(t, lpi)):
+                    if len(tj) != len(lj):
+                        raise InputError(path, row, "behavior_logprobs", f"response {j}: {len(lj)} logprobs for {len(tj)} response tokens")
+                    if any(v is None or not math.isfinite(v) or v > 1e-4 for v in lj):
+                        raise InputError(path, row, "behavior_logprobs", f"response {j}: logprobs must be finite and ≤ 0")
+
+
+# ---------------------------------------------------------------------------- helpers on tables
+
+
+def pass_rates(rewards: pa.ChunkedArray | Iterable) -> np.ndarray:
+    """Per-prompt fraction of responses with reward ≥ PASS_THRESHOLD. [N] float64."""
+    rows = rewards.to_pylist() if hasattr(rewards, "to_pylist") else list(rewards)
+    return np.array([np.mean(np.asarray(r, dtype=np.float64) >= PASS_THRESHOLD) if len(r) else np.nan for r in rows])
+
+
+def prompt_columns(table: pa.Table) -> pa.Table:
+    """The prompt columns of a prompts/trajectories table (metadata kept when present)."""
+    cols = list(PROMPT_COLUMNS) + [f.name for f in OPTIONAL_PROMPT_FIELDS if f.name in table.column_names]
+    return table.select(cols)
+
+
+def summarize(table: pa.Table, kind: str) -> dict:
+    """Counts for `cropi check`: rows, tasks, difficulties, responses per prompt, pass rates."""
+    out: dict = {"kind": kind, "rows": table.num_rows}
+    if kind in ("prompts", "trajectories"):
+        out["tasks"] = dict(sorted(_counts(table.column("task").to_pylist()).items()))
+        out["difficulties"] = {int(k): v for k, v in sorted(_counts(table.column("difficulty").to_pylist()).items())}
+    if kind == "trajectories":
+        n_resp = [len(r) for r in table.column("responses").to_pylist()]
+        out["responses_per_prompt"] = {int(k): v for k, v in sorted(_counts(n_resp).items())}
+        pr = pass_rates(table.column("rewards"))
+        out["pass_rate_mean"] = round(float(np.mean(pr)), 4)
+        hist, edges = np.histogram(pr, bins=[0, 1e-9, 0.25, 0.5, 0.75, 1 - 1e-9, 1.0])
+        labels = ["0", "(0,.25)", "[.25,.5)", "[.5,.75)", "[.75,1)", "1"]
+        out["pass_rate_hist"] = dict(zip(labels, map(int, hist)))
+        out["all_equal_rewards"] = int(sum(len(set(r)) <= 1 for r in table.column("rewards").to_pylist()))
+        out["has_behavior_logprobs"] = "behavior_logprobs" in table.column_names
+    if kind == "scores":
+        out["status"] = dict(_counts(table.column("status").to_pylist()))
+        out["targets"] = [c[len(SCORE_PREFIX):] for c in table.column_names if c.startswith(SCORE_PREFIX)]
+    return out
+
+
+def _counts(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+def _tmp_beside(path: Path, suffix="") -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_parquet_atomic(table: pa.Table, path, metadata: dict | None = None) -> Path:
+    """Write ``table`` to ``path`` via a temporary file + rename. ``metadata`` goes into the
+    Parquet key-value metadata under b"cropi" as JSON (read back with :func:`read_cropi_meta`).
+    Written without timestamps, so equal tables give byte-identical files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if metadata is not None:
+        md = dict(table.schema.metadata or {})
+        md[b"cropi"] = json.dumps(metadata, sort_keys=True).encode()
+        table = table.replace_schema_metadata(md)
+    tmp = _tmp_beside(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_cropi_meta(path) -> dict:
+    """The b"cropi" JSON metadata a cropi writer put into a Parquet file ({} when absent)."""
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md[b"cropi"]) if b"cropi" in md else {}
+
+
+def write_json_atomic(obj, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

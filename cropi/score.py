@@ -1,0 +1,344 @@
+"""`cropi score`: stream a trajectory pool through per-prompt gradients, projection and influence.
+
+    OUT/features/            projected gradients of the pool (cropi.features store)
+    OUT/targets/<name>/      projected gradients of each target set
+    OUT/scores.parquet       id, score, score__<target>..., rank, pass_rate, status
+    OUT/meta.json            every setting, seeds, timings, and the --check-rank result
+
+The pool is cut into shards of ``shard_size`` prompts; each shard is computed and written on its
+own, so memory does not grow with the pool and ``resume=True`` after a kill recomputes only the
+missing shards (byte-identical results). Under torchrun, shard c belongs to rank c % world; target
+sums are all-reduced and rank 0 writes the scores.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cropi import features as F
+from cropi import influence, models, schema
+from cropi.distributed import all_reduce_sum, barrier
+from cropi.policy_grad import GradConfig, is_zero_signal, param_dim, prompt_gradients, select_params, token_weights
+from cropi.projection import make_projector
+from cropi.rollout import rollout_meta
+from cropi.runtime import derive_seed, progress
+
+
+@dataclass
+class ScoreConfig:
+    projector: str = "sjlt"
+    k: int = 8192
+    seed: int = 0
+    density: float = 0.1
+    s: int = 1
+    dist: str = "rademacher"
+    combine: str = "mean"
+    max_target: int | None = None
+    shard_size: int = 64
+    batch: int = 16  # prompts per vmapped forward/backward
+    micro_batch: int = 64  # responses per vmap unit (a prompt's G responses are split beyond this)
+    feature_dtype: str = "float32"
+    check_rank: int = 0
+    grad: GradConfig = field(default_factory=GradConfig)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Prepared:
+    """Token-level view of a trajectories table for one policy."""
+
+    ids: list[str]
+    prompt_ids: list[list[int]]
+    responses: list[list[list[int]]]
+    rewards: list[list[float]]
+    behavior_logp: list  # per prompt: list of per-token lists, or None (on-policy)
+    table: pa.Table
+
+
+def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Policy | None = None) -> Prepared:
+    """Tokenise a trajectories table for ``policy`` and check stored tokens fit its tokenizer.
+
+    Stored ``response_token_ids`` are used as they are (checked: ids inside the vocabulary and the
+    first response of every prompt decodes back to its text); otherwise responses are tokenised
+    and EOS appended. Behaviour log-probs: stored ones, or recomputed with ``behavior``, or None."""
+    tok = policy.tokenizer
+    vocab = len(tok)
+    rows_resp = table.column("responses").to_pylist()
+    prompt_ids = models.encode_prompts(policy, table.column("prompt").to_pylist())
+    ids = table.column("id").to_pylist()
+    if "response_token_ids" in table.column_names:
+        responses = table.column("response_token_ids").to_pylist()
+        firsts = tok.batch_decode([r[0] for r in responses], skip_special_tokens=True)
+        for i, (r, text) in enumerate(zip(responses, firsts)):
+            bad = [t for resp in r for t in resp if not 0 <= t < vocab]
+            if bad:
+                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"token id {bad[0]} outside this model's vocabulary ({vocab})")
+            if text.strip() != rows_resp[i][0].strip():
+                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids",
+                                        "tokens do not decode to the response text with this model's tokenizer (trajectories from another tokenizer?)")
+    else:
+        eos = tok.eos_token_id
+        responses = [[tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in r] for r in rows_resp]
+    if behavior is not None:
+        flat_p = [p for p, r in zip(prompt_ids, responses) for _ in r]
+        flat_r = [x for r in responses for x in r]
+        lp = models.response_logprobs(behavior, flat_p, flat_r)
+        blp, s = [], 0
+        for r in responses:
+            blp.append(lp[s : s + len(r)])
+            s += len(r)
+    elif "behavior_logprobs" in table.column_names:
+        blp = table.column("behavior_logprobs").to_pylist()
+    else:
+        blp = [None] * len(ids)
+    ctx = getattr(policy.model.config, "max_position_embeddings", None)
+    if ctx:
+        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+            if len(p) + max(len(x) for x in r) > ctx:
+                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "responses", f"prompt+response longer than the model context ({ctx} tokens)")
+    return Prepared(ids, prompt_ids, responses, table.column("rewards").to_pylist(), blp, table)
+
+
+# ---------------------------------------------------------------------------- stores
+
+
+def compute_store(policy, prep: Prepared, store: Path, names, projector, cfg: ScoreConfig, meta: dict, *,
+                  resume: bool, rank: int = 0, world: int = 1, pool_std: float | None = None, bar=None) -> tuple[np.ndarray, int]:
+    """Fill ``store`` with this rank's shards; return (sum of ok feature rows [k] float64, ok count)
+    over this rank's shards (for target means)."""
+    if rank == 0:
+        F.init_store(store, meta, resume)
+    barrier()
+    n = len(prep.ids)
+    n_shards = (n + cfg.shard_size - 1) // cfg.shard_size
+    total, count = np.zeros(cfg.k, dtype=np.float64), 0
+    for c in range(rank, n_shards, world):
+        lo, hi = c * cfg.shard_size, min(n, (c + 1) * cfg.shard_size)
+        if F.shard_done(store, c):
+            feats = np.load(F.shard_paths(store, c)[0]).astype(np.float64)
+            status = F.pq.read_table(F.shard_paths(store, c)[1]).column("status").to_pylist()
+        else:
+            feats, status = _shard_features(policy, prep, lo, hi, names, projector, cfg, pool_std, store, c)
+        ok = np.array([s == "ok" for s in status])
+        total += feats[ok].astype(np.float64).sum(0)
+        count += int(ok.sum())
+        if bar is not None:
+            bar.update(hi - lo)
+    return total, count
+
+
+def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, pool_std, store, c):
+    feats = np.zeros((hi - lo, cfg.k), dtype=np.float32)
+    norms = np.zeros(hi - lo)
+    status, reason = [], []
+    todo = []
+    for i in range(lo, hi):
+        if is_zero_signal(prep.rewards[i]):
+            status.append("zero_signal")
+            reason.append("all rewards equal: every advantage is 0")
+        else:
+            status.append("ok")
+            reason.append("")
+            todo.append(i)
+    for s in range(0, len(todo), cfg.batch):
+        batch = todo[s : s + cfg.batch]
+        weights = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg.grad, pool_std) for i in batch]
+        f, gn = prompt_gradients(policy, [prep.prompt_ids[i] for i in batch], [prep.responses[i] for i in batch], weights,
+                                 [prep.behavior_logp[i] for i in batch], names, cfg.grad, projector.project, cfg.micro_batch)
+        for j, i in enumerate(batch):
+            feats[i - lo] = f[j].numpy()
+            norms[i - lo] = float(gn[j])
+    index = pa.table({
+        "id": prep.ids[lo:hi],
+        "grad_norm": norms,
+        "n_tokens": [sum(len(r) for r in prep.responses[i]) for i in range(lo, hi)],
+        "status": status,
+        "reason": reason,
+    })
+    F.write_shard(store, c, feats, index, cfg.feature_dtype)
+    return feats.astype(np.float64), status
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _target_names(paths) -> list[str]:
+    names = []
+    for p in paths:
+        base = Path(p).name.split(".")[0] or "target"
+        name, j = base, 2
+        while name in names:
+            name, j = f"{base}{j}", j + 1
+        names.append(name)
+    return names
+
+
+def _subsample(table: pa.Table, n: int | None, seed: int) -> pa.Table:
+    if n is None or table.num_rows <= n:
+        return table
+    idx = np.sort(np.random.default_rng(seed).choice(table.num_rows, n, replace=False))
+    return table.take(pa.array(idx))
+
+
+def score(trajectories, targets: list, out, *, model: str = models.TINY, behavior_model: str | None = None,
+          cfg: ScoreConfig | None = None, resume: bool = False, overwrite: bool = False, device: str = "cpu",
+          rank: int = 0, world: int = 1, policy: models.Policy | None = None) -> dict:
+    """Score every prompt of ``trajectories`` against the ``targets`` (trajectories files).
+    Returns the run's meta (also written to OUT/meta.json)."""
+    cfg = cfg or ScoreConfig()
+    t0 = time.time()
+    out = Path(out)
+    if not targets:
+        raise schema.InputError(out, None, "--target", "at least one target set is needed")
+    if out.exists() and overwrite and rank == 0:
+        shutil.rmtree(out)
+    barrier()
+    if (out / "meta.json").exists() and not resume:
+        raise schema.InputError(out, None, None, "scores already exist here; pass --resume to continue or --overwrite to replace")
+    traj_path = Path(trajectories)
+    table = schema.read_table(traj_path, "trajectories")
+    target_tables = []
+    for p in targets:
+        t = schema.read_table(p)
+        if schema.detect_kind(t) != "trajectories":
+            raise schema.InputError(p, None, "responses", "a target set needs responses and rewards: roll it out first (cropi rollout --prompts ...)")
+        target_tables.append(schema.validate(t, "trajectories", p))
+    tnames = _target_names(targets)
+    policy = policy or models.load(model, device=device)
+    behavior = models.load(behavior_model, device=device) if behavior_model else None
+    if behavior is not None and len(behavior.tokenizer) != len(policy.tokenizer):
+        raise schema.InputError(behavior_model, None, "--behavior-model", "tokenizer differs from the scored model's")
+    rmeta = rollout_meta(traj_path)
+    grad_cfg = cfg.grad
+    if "temperature" in rmeta and grad_cfg.temperature != rmeta["temperature"]:
+        grad_cfg = GradConfig(**{**grad_cfg.to_dict(), "temperature": rmeta["temperature"]})
+        cfg = ScoreConfig(**{**cfg.__dict__, "grad": grad_cfg})
+    names = select_params(policy.model, grad_cfg.params)
+    d = param_dim(policy.model, names)
+    k = d if cfg.projector == "identity" else cfg.k
+    cfg = ScoreConfig(**{**cfg.__dict__, "k": k})
+    projector = make_projector(cfg.projector, d, k, cfg.seed, density=cfg.density, s=cfg.s, dist=cfg.dist,
+                               device=policy.device)
+    all_rewards = np.concatenate([np.asarray(r, dtype=np.float64) for r in table.column("rewards").to_pylist()])
+    pool_std = float(all_rewards.std(ddof=1)) if all_rewards.size > 1 else 0.0
+    store_meta = {
+        "model": model,
+        "checkpoint": policy.path,
+        "fingerprint": models.fingerprint(policy.model),
+        "params": grad_cfg.params,
+        "n_params": d,
+        "loss": grad_cfg.to_dict(),
+        "projector": projector.meta(),
+        "dtype": cfg.feature_dtype,
+        "shard_size": cfg.shard_size,
+        "behavior": "stored" if behavior is None and "behavior_logprobs" in table.column_names
+        else (behavior_model or "on-policy (current model)"),
+    }
+    prep = prepare(policy, table, traj_path, behavior)
+    target_preps = [prepare(policy, _subsample(t, cfg.max_target, derive_seed(cfg.seed, "target", n)), p, behavior)
+                    for t, p, n in zip(target_tables, targets, tnames)]
+    mine = lambda n: sum(min(cfg.shard_size, n - c * cfg.shard_size) for c in range(rank, (n + cfg.shard_size - 1) // cfg.shard_size, world))  # noqa: E731
+    bar = progress(total=mine(len(prep.ids)) + sum(mine(len(tp.ids)) for tp in target_preps),
+                   desc="score" if world == 1 else f"score rank {rank}", unit="prompt")
+    target_means = {}
+    for name, tp, path in zip(tnames, target_preps, targets):
+        tm = {**store_meta, "source": str(path), "max_target": cfg.max_target}
+        s, n_ok = compute_store(policy, tp, out / "targets" / name, names, projector, cfg, tm, resume=resume,
+                                rank=rank, world=world, pool_std=pool_std, bar=bar)
+        acc = all_reduce_sum(torch.from_numpy(np.append(s, n_ok)))
+        n_ok = int(acc[-1])
+        if n_ok == 0:
+            raise schema.InputError(path, None, "rewards", "no target prompt has a learning signal (all groups have equal rewards)")
+        target_means[name] = (acc[:-1] / n_ok).numpy()
+    pm = {**store_meta, "source": str(traj_path)}
+    compute_store(policy, prep, out / "features", names, projector, cfg, pm, resume=resume, rank=rank, world=world,
+                  pool_std=pool_std, bar=bar)
+    bar.close()
+    barrier()
+    if rank != 0:
+        return {}
+    for name, tp in zip(tnames, target_preps):
+        F.finalize(out / "targets" / name, (len(tp.ids) + cfg.shard_size - 1) // cfg.shard_size)
+    index = F.finalize(out / "features", (len(prep.ids) + cfg.shard_size - 1) // cfg.shard_size)
+    scores = write_scores(out, table, index, target_means, cfg.combine)
+    elapsed = time.time() - t0
+    meta = {
+        **store_meta,
+        "trajectories": str(traj_path),
+        "targets": dict(zip(tnames, map(str, targets))),
+        "config": {**{k: v for k, v in cfg.__dict__.items() if k != "grad"}, "grad": grad_cfg.to_dict()},
+        "seed": cfg.seed,
+        "pool_size": table.num_rows,
+        "status": schema.summarize(scores, "scores")["status"],
+        "seconds": round(elapsed, 2),
+        "prompts_per_s": round((len(prep.ids) + sum(len(t.ids) for t in target_preps)) / max(elapsed, 1e-9), 2),
+        "world_size": world,
+    }
+    if cfg.check_rank:
+        meta["check_rank"] = check_rank(policy, prep, target_preps, scores, names, cfg, pool_std)
+    schema.write_json_atomic(meta, out / "meta.json")
+    return meta
+
+
+def write_scores(out: Path, table: pa.Table, index: pa.Table, target_means: dict, method: str) -> pa.Table:
+    """Cosine of every pool feature row with each target mean; combined score, rank, pass rate."""
+    per_target = {name: [] for name in target_means}
+    for feats, _ in F.iter_shards(out / "features"):
+        for name, g in target_means.items():
+            per_target[name].append(influence.cosine(feats, g))
+    per_target = {k: np.concatenate(v) for k, v in per_target.items()}
+    status = np.array(index.column("status").to_pylist())
+    ok = status == "ok"
+    per_target = {k: np.where(ok, v, np.nan) for k, v in per_target.items()}
+    combined = influence.combine(per_target, ok, method)
+    cols = {"id": index.column("id"), "score": combined}
+    cols.update({f"{schema.SCORE_PREFIX}{k}": v for k, v in per_target.items()})
+    cols.update(rank=influence.rank_desc(combined, ok), pass_rate=schema.pass_rates(table.column("rewards")), status=status)
+    scores = schema.validate(pa.table(cols), "scores", out / "scores.parquet")
+    schema.write_parquet_atomic(scores, out / "scores.parquet")
+    return scores
+
+
+def exact_gradients(policy, prep: Prepared, rows: list[int], names, cfg: ScoreConfig, pool_std) -> np.ndarray:
+    """Flat exact gradients [len(rows), d] float32 (identity projection)."""
+    d = param_dim(policy.model, names)
+    ident = make_projector("identity", d, d, device=policy.device)
+    out = np.zeros((len(rows), d), dtype=np.float32)
+    for s in range(0, len(rows), cfg.batch):
+        b = rows[s : s + cfg.batch]
+        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg.grad, pool_std) for i in b]
+        f, _ = prompt_gradients(policy, [prep.prompt_ids[i] for i in b], [prep.responses[i] for i in b], w,
+                                [prep.behavior_logp[i] for i in b], names, cfg.grad, ident.project, cfg.micro_batch)
+        out[s : s + len(b)] = f.numpy()
+    return out
+
+
+def check_rank(policy, prep: Prepared, target_preps: list[Prepared], scores: pa.Table, names, cfg: ScoreConfig, pool_std) -> dict:
+    """Exact vs projected scores on N seeded ok prompts: precision@10 % and Spearman ρ."""
+    ok = np.flatnonzero(np.array(scores.column("status").to_pylist()) == "ok")
+    rng = np.random.default_rng(derive_seed(cfg.seed, "check-rank"))
+    rows = np.sort(rng.choice(ok, min(cfg.check_rank, len(ok)), replace=False)).tolist()
+    exact = exact_gradients(policy, prep, rows, names, cfg, pool_std)
+    per_exact, per_proj = {}, {}
+    for tp, col in zip(target_preps, [c for c in scores.column_names if c.startswith(schema.SCORE_PREFIX)]):
+        t_ok = [i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])]
+        g = np.zeros(exact.shape[1], dtype=np.float64)
+        for s in range(0, len(t_ok), 64):
+            g += exact_gradients(policy, tp, t_ok[s : s + 64], names, cfg, pool_std).astype(np.float64).sum(0)
+        per_exact[col] = influence.cosine(exact, g / max(len(t_ok), 1))
+        per_proj[col] = np.asarray(scores.column(col).to_numpy(zero_copy_only=False))[rows]
+    ones = np.ones(len(rows), dtype=bool)
+    ex = influence.combine(per_exact, ones, cfg.combine)
+    pr = influence.combine(per_proj, ones, cfg.combine)
+    res = influence.rank_agreement(ex, pr, 0.1)
+    res["per_target"] = {c: influence.rank_agreement(per_exact[c], per_proj[c], 0.1) for c in per_exact}
+    return res

@@ -1,0 +1,5 @@
+"""The bundled GRPO trainer (DESIGN §6).
+
+Math lives in small pure modules: ``config`` (every option, once), ``advantages``,
+``losses`` and ``samplers``. Import them directly; this package imports nothing heavy.
+"""

@@ -1,0 +1,196 @@
+"""Every option of the GRPO trainer, defined once (DESIGN §6).
+
+`TrainConfig` is the single source: its fields carry their help text and allowed values,
+`validate()` checks them, and `click_options` turns them into CLI flags, so a new option
+is added in exactly one place.
+
+Typical recipes (field values):
+- GRPO:      adv_mean=group, adv_std=group, loss_agg=token-mean
+- Dr. GRPO:  adv_std=none, loss_agg=seq-mean-token-sum-norm (constant = max_new_tokens)
+- Lite PPO:  adv_mean=group, adv_std=batch, loss_agg=token-mean
+- DAPO:      clip_high=0.28, dynamic_sampling, overlong_penalty, loss_agg=token-mean
+- GSPO:      ratio_level=sequence, loss_agg=seq-mean-token-mean, clip_low=3e-4, clip_high=4e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+
+import click
+
+ADV_MEAN = ("group", "batch")
+ADV_STD = ("group", "batch", "none")
+RATIO_LEVELS = ("token", "sequence")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _opt(default, help: str, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """GRPO trainer settings; units are stated in each field's help."""
+
+    # advantages
+    adv_mean: str = _opt("group", "Baseline: mean reward over the prompt's group or the whole batch.", ADV_MEAN)
+    adv_std: str = _opt("group", "Scale: std (unbiased) over the group, the batch, or none (Dr. GRPO).", ADV_STD)
+    adv_eps: float = _opt(1e-4, "Added to the std in A = (r - mean) / (std + eps).")
+    # surrogate
+    clip_low: float = _opt(0.2, "PPO clip epsilon below 1: ratios under 1 - clip_low are clipped.")
+    clip_high: float = _opt(0.2, "PPO clip epsilon above 1 (clip-higher, DAPO: 0.28).")
+    ratio_level: str = _opt("token", "Importance ratio per token, or per sequence (GSPO).", RATIO_LEVELS)
+    loss_agg: str = _opt("token-mean", "How per-token losses are averaged.", LOSS_AGGS)
+    mask_truncated: bool = _opt(False, "Drop responses cut at max_new_tokens from the loss (overlong filtering).")
+    overlong_penalty: bool = _opt(False, "Add DAPO's soft overlong penalty to the reward.")
+    overlong_buffer: int = _opt(4, "Tokens before max_new_tokens where the soft penalty ramps from 0 to -1.")
+    overlong_penalty_factor: float = _opt(1.0, "Scale of the soft overlong penalty (reward units).")
+    kl_beta: float = _opt(0.0, "Weight of the k3 KL estimate to the frozen reference policy (0: no reference).")
+    mu_updates: int = _opt(1, "Optimiser updates per generated batch (mu).")
+    # sampling
+    dynamic_sampling: bool = _opt(False, "Drop groups whose rewards are all equal and refill from the shard.")
+    max_refill: int = _opt(3, "Most extra generation rounds per step when dynamic sampling or VCRL refills.")
+    vcrl: bool = _opt(False, "VCRL: keep groups with normalised reward variance p >= vcrl_kappa; replay from a bank.")
+    vcrl_kappa: float = _opt(0.8, "VCRL threshold on p = var / var_max, in [0, 1].")
+    vcrl_bank_size: int = _opt(64, "VCRL memory bank capacity (groups).")
+    vcrl_max_replay: int = _opt(2, "Times one banked group may be replayed before it leaves the bank.")
+    rlve: bool = _opt(False, "RLVE adaptive difficulty per task family (generator-backed pools).")
+    rlve_tau_acc: float = _opt(0.9, "RLVE: raise a task's top difficulty h when accuracy at h reaches this.")
+    rlve_tau_num: int = _opt(32, "RLVE: responses at difficulty h needed before accuracy is checked.")
+    rlve_window: int = _opt(3, "RLVE: sample difficulties in [h - rlve_window, h].")
+    rl_plus: bool = _opt(False, "RL-PLUS: add the prompt's reference solution to its group as an external demonstration.")
+    rl_plus_gamma: float = _opt(0.5, "RL-PLUS exploration exponent: weight (1 - pi_theta(token)) ** gamma.")
+    # loop
+    batch_prompts: int = _opt(8, "Prompts per step.")
+    group_size: int = _opt(8, "Responses per prompt (G).")
+    lr: float = _opt(1e-4, "AdamW learning rate.")
+    max_new_tokens: int = _opt(16, "Generation budget per response (tokens).")
+    temperature: float = _opt(1.0, "Sampling temperature.")
+    steps_per_stage: int = _opt(10, "Optimiser steps per curriculum stage.")
+    eval_every: int = _opt(5, "Evaluate target accuracy every N steps (0: only at the end).")
+    checkpoint_every: int = _opt(10, "Checkpoint every N steps (0: only on stop).")
+    seed: int = _opt(0, "Seed for data order, sampling and initialisation.")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0: off).")
+    warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps.")
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise ValueError("FIELD: reason") on the first bad one. Returns self."""
+        for f in dataclasses.fields(self):
+            _check_type(f.name, _types()[f.name], getattr(self, f.name))
+            choices = f.metadata["choices"]
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}: must be one of {'|'.join(choices)}, got {getattr(self, f.name)!r}")
+        checks = [
+            ("adv_eps", self.adv_eps >= 0, "must be >= 0"),
+            ("clip_low", 0 <= self.clip_low < 1, "must be in [0, 1)"),
+            ("clip_high", self.clip_high >= 0, "must be >= 0"),
+            ("overlong_penalty_factor", self.overlong_penalty_factor >= 0, "must be >= 0"),
+            ("kl_beta", self.kl_beta >= 0, "must be >= 0"),
+            ("mu_updates", self.mu_updates >= 1, "must be >= 1"),
+            ("max_refill", self.max_refill >= 0, "must be >= 0"),
+            ("vcrl_kappa", 0 <= self.vcrl_kappa <= 1, "must be in [0, 1]"),
+            ("vcrl_bank_size", self.vcrl_bank_size >= 1, "must be >= 1"),
+            ("vcrl_max_replay", self.vcrl_max_replay >= 1, "must be >= 1"),
+            ("rlve_tau_acc", 0 < self.rlve_tau_acc <= 1, "must be in (0, 1]"),
+            ("rlve_tau_num", self.rlve_tau_num >= 1, "must be >= 1"),
+            ("rlve_window", self.rlve_window >= 0, "must be >= 0"),
+            ("rl_plus_gamma", self.rl_plus_gamma >= 0, "must be >= 0"),
+            ("batch_prompts", self.batch_prompts >= 1, "must be >= 1"),
+            ("group_size", self.group_size >= 2, "must be >= 2 (advantages need a group)"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", self.temperature > 0, "must be > 0"),
+            ("steps_per_stage", self.steps_per_stage >= 1, "must be >= 1"),
+            ("eval_every", self.eval_every >= 0, "must be >= 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("seed", self.seed >= 0, "must be >= 0"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+        ]
+        if self.overlong_penalty:
+            checks.append(
+                ("overlong_buffer", 1 <= self.overlong_buffer <= self.max_new_tokens, "must be in [1, max_new_tokens]")
+            )
+        for name, ok, reason in checks:
+            if not ok:
+                raise ValueError(f"{name}: {reason}, got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field (YAML/JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: typing.Mapping) -> TrainConfig:
+        """Build and validate from a mapping; missing keys keep defaults, unknown keys raise ValueError.
+
+        Numbers given as strings (PyYAML reads ``1e-4`` as a string) and ints for float fields are
+        converted; anything else of the wrong type raises ValueError naming the field.
+        """
+        types = _types()
+        unknown = sorted(set(d) - set(types))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown trainer option (known: {', '.join(types)})")
+        return cls(**{k: _coerce(k, types[k], v) for k, v in d.items()}).validate()
+
+
+def _types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, typ: type, value):
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    _check_type(name, typ, value)
+    return value
+
+
+def _check_type(name: str, typ: type, value) -> None:
+    if typ is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{name}: expected {typ.__name__}, got {value!r}")
+
+
+def click_options(f):
+    """Decorator adding one ``--field-name`` option per TrainConfig field to a click command.
+
+    Every option defaults to None (so a command can tell "not given" from "given": overlay the
+    given ones on a YAML config with `config_from_options`); the help shows the dataclass default.
+    Booleans become ``--x/--no-x`` flags and fields with choices become ``click.Choice``.
+    """
+    types = _types()
+    for fl in reversed(dataclasses.fields(TrainConfig)):
+        flag = fl.name.replace("_", "-")
+        typ = types[fl.name]
+        default = fl.default
+        shown = "on" if default is True else "off" if default is False else default
+        help_text = f"{fl.metadata['help']} [default: {shown}]"
+        if typ is bool:
+            f = click.option(f"--{flag}/--no-{flag}", fl.name, default=None, help=help_text)(f)
+        else:
+            choices = fl.metadata["choices"]
+            ctype = click.Choice(choices) if choices else typ
+            f = click.option(f"--{flag}", fl.name, type=ctype, default=None, help=help_text)(f)
+    return f
+
+
+def config_from_options(options: typing.Mapping, base: typing.Mapping | None = None) -> TrainConfig:
+    """TrainConfig from `base` (e.g. a YAML section) overlaid with the CLI options that were given.
+
+    `options` is a click command's kwargs; keys that are not TrainConfig fields are ignored and
+    None values (flag not given) leave the base/default value.
+    """
+    names = {fl.name for fl in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in options.items() if k in names and v is not None}
+    return TrainConfig.from_dict({**(base or {}), **given})
