@@ -274,5 +274,10 @@ def _not_yet(name: str, issue: str):
     return _cmd
 
 
+_not_yet("train", "the GRPO trainer, issue 5")
+_not_yet("eval", "issue 5")
+_not_yet("run", "the CROPI loop, issue 6")
+
+
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ Generation rules (uint32 arithmetic; i = global coordinate index, 0 <= i < d < 2
 """
 
 import math
+import operator
 from collections import OrderedDict
 from fractions import Fraction
 from functools import lru_cache
@@ -169,7 +170,7 @@ class Projector:
         self.density, self.s, self.dist = float(density), s, dist
         self.device = torch.device(device)
         self._sjlt_cache: OrderedDict = OrderedDict()
-        self._trak = None
+        self._trak, self.impl = None, None
         if kind in ("dense", "mask-dense"):
             if dist == "rademacher":
                 self._keys = _keys(seed, _STREAM_RADEMACHER, torch.arange((k + 31) // 32))
@@ -212,7 +213,7 @@ class Projector:
             "s": self.s if self.kind == "sjlt" else None,
             "dist": self.dist if self.kind in ("dense", "mask-dense", "trak") else None,
             "hash": None if self.kind in ("identity", "trak") else HASH_VERSION,
-            "impl": getattr(self, "impl", None),
+            "impl": self.impl,
         }
 
     def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -224,8 +225,8 @@ class Projector:
             raise ValueError(f"x must be a 2-D tensor [B, n], got {getattr(x, 'shape', type(x))}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got {x.dtype}")
-        n = x.shape[1]
-        if not (isinstance(offset, int) and offset >= 0 and offset + n <= self.d):
+        n, offset = x.shape[1], operator.index(offset)
+        if not (offset >= 0 and offset + n <= self.d):
             raise ValueError(f"block [{offset}, {offset}+{n}) is outside [0, d={self.d})")
         x = x.to(device=self.device, dtype=torch.float32)
         if self.kind == "identity":

@@ -10,11 +10,8 @@ from cropi.projection import make_projector
 
 
 @pytest.fixture(scope="module")
-def policy():
-    tok = models.build_tiny_tokenizer()
-    model = models.build_tiny_model(tok, seed=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=2, num_key_value_heads=2)
-    return models.Policy(model, tok, "tiny-test", "-")
+def policy(small_policy):
+    return small_policy
 
 
 def make_prompts(n, G, seed, vary_len=True):

@@ -27,7 +27,6 @@ from cropi.train.losses import (
 from cropi.train.samplers import PromptSampler, RLVEController, VCRLBank, dynamic_sampling
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     prev = torch.get_default_dtype()
@@ -42,11 +41,23 @@ REWARDS = [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]]
 # row 0: mean .5, unbiased std sqrt(1/3) = .577350; row 1: mean .75, std .5;
 # batch: mean .625, unbiased std sqrt(1.875/7) = .517549; eps = 1e-4 added to the std.
 ADV_TABLE = {
-    ("group", "group"): [[0.865875, -0.865875, -0.865875, 0.865875], [0.4999, 0.4999, 0.4999, -1.4997]],
-    ("group", "batch"): [[0.965905, -0.965905, -0.965905, 0.965905], [0.482953, 0.482953, 0.482953, -1.448858]],
+    ("group", "group"): [
+        [0.865875, -0.865875, -0.865875, 0.865875],
+        [0.4999, 0.4999, 0.4999, -1.4997],
+    ],
+    ("group", "batch"): [
+        [0.965905, -0.965905, -0.965905, 0.965905],
+        [0.482953, 0.482953, 0.482953, -1.448858],
+    ],
     ("group", "none"): [[0.5, -0.5, -0.5, 0.5], [0.25, 0.25, 0.25, -0.75]],
-    ("batch", "batch"): [[0.724429, -1.207381, -1.207381, 0.724429], [0.724429, 0.724429, 0.724429, -1.207381]],
-    ("batch", "group"): [[0.649407, -1.082344, -1.082344, 0.649407], [0.74985, 0.74985, 0.74985, -1.24975]],
+    ("batch", "batch"): [
+        [0.724429, -1.207381, -1.207381, 0.724429],
+        [0.724429, 0.724429, 0.724429, -1.207381],
+    ],
+    ("batch", "group"): [
+        [0.649407, -1.082344, -1.082344, 0.649407],
+        [0.74985, 0.74985, 0.74985, -1.24975],
+    ],
     ("batch", "none"): [[0.375, -0.625, -0.625, 0.375], [0.375, 0.375, 0.375, -0.625]],
 }
 
@@ -91,7 +102,9 @@ def test_aggregate_modes_hand_computed():
     assert aggregate(VALUES, MASK, "token-mean").item() == pytest.approx(2.5)
     assert aggregate(VALUES, MASK, "seq-mean-token-mean").item() == pytest.approx(3.0)
     assert aggregate(VALUES, MASK, "seq-mean-token-sum-norm").item() == pytest.approx(1.25)
-    assert aggregate(VALUES, MASK, "seq-mean-token-sum-norm", norm_len=8).item() == pytest.approx(0.625)
+    assert aggregate(VALUES, MASK, "seq-mean-token-sum-norm", norm_len=8).item() == pytest.approx(
+        0.625
+    )
     with pytest.raises(ValueError):
         aggregate(VALUES, MASK, "mean")
 
@@ -100,7 +113,9 @@ def test_aggregate_modes_hand_computed():
 def test_aggregate_micro_batches_sum_to_full_batch(mode):
     full = aggregate(VALUES, MASK, mode)
     total = MASK.sum().item() if mode == "token-mean" else 2
-    parts = aggregate(VALUES[:1], MASK[:1], mode, total=total) + aggregate(VALUES[1:], MASK[1:], mode, total=total)
+    parts = aggregate(VALUES[:1], MASK[:1], mode, total=total) + aggregate(
+        VALUES[1:], MASK[1:], mode, total=total
+    )
     assert parts.item() == pytest.approx(full.item())
 
 
@@ -112,9 +127,15 @@ def test_aggregate_micro_batches_sum_to_full_batch(mode):
 def test_policy_loss_each_aggregation_hand_computed(agg, expected):
     logp = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]]))
     mask = MASK[:2]
-    loss, stats = policy_loss(logp, logp.clone(), torch.tensor([1.0, -2.0]), mask, clip_low=0.2, clip_high=0.2, agg=agg)
+    loss, stats = policy_loss(
+        logp, logp.clone(), torch.tensor([1.0, -2.0]), mask, clip_low=0.2, clip_high=0.2, agg=agg
+    )
     assert loss.item() == pytest.approx(expected)
-    assert stats["n_tokens"] == 4 and stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
+    assert (
+        stats["n_tokens"] == 4
+        and stats["clip_frac"] == 0.0
+        and stats["ratio_mean"] == pytest.approx(1.0)
+    )
 
 
 def test_policy_loss_padding_garbage_is_ignored():
@@ -123,14 +144,24 @@ def test_policy_loss_padding_garbage_is_ignored():
     ref = torch.tensor([[-0.5, float("nan")], [-0.1, 3.0]])
     mask = torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)
     for level in ("token", "sequence"):
-        loss, st = policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, clip_low=0.2, clip_high=0.2,
-                               ratio_level=level, ref_logp=ref, kl_beta=0.1)
+        loss, st = policy_loss(
+            logp,
+            old,
+            torch.tensor([1.0, -1.0]),
+            mask,
+            clip_low=0.2,
+            clip_high=0.2,
+            ratio_level=level,
+            ref_logp=ref,
+            kl_beta=0.1,
+        )
         (g,) = torch.autograd.grad(loss, logp)
         assert torch.isfinite(loss) and torch.isfinite(g).all() and (g[:, 1] == 0).all()
         assert math.isfinite(st["kl"])
 
 
 # ---------------------------------------------------------------- clipping
+
 
 def _one_token_rows(ratios):
     old = torch.log(torch.full((len(ratios), 1), 0.5))
@@ -170,6 +201,7 @@ def test_symmetric_clip_clips_what_clip_higher_lets_through():
 
 # ---------------------------------------------------------------- GSPO sequence ratio
 
+
 def test_sequence_ratio_value_and_gradient():
     logp = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -0.9, -7.0]], requires_grad=True)
     old = torch.tensor([[-1.1, -0.4, -1.9], [-0.2, -1.0, 0.0]])
@@ -183,8 +215,16 @@ def test_sequence_ratio_value_and_gradient():
     assert torch.allclose(g_tok, torch.tensor([[math.exp(-0.1 / 3), 0.0, 0.0], [0.0, 0.0, 0.0]]))
 
     adv = torch.tensor([0.7, -1.3])
-    loss, _ = policy_loss(logp, old, adv, mask, clip_low=0.5, clip_high=0.5, ratio_level="sequence",
-                          agg="seq-mean-token-mean")
+    loss, _ = policy_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        clip_low=0.5,
+        clip_high=0.5,
+        ratio_level="sequence",
+        agg="seq-mean-token-mean",
+    )
     (g,) = torch.autograd.grad(loss, logp)
     # plain autograd of GSPO's objective -(1/2) sum_i A_i exp(mean_t log-ratio)
     lp = logp.detach().clone().requires_grad_(True)
@@ -200,12 +240,15 @@ def test_sequence_ratio_clips_whole_sequence():
     logp = torch.tensor([[-0.5, -0.5], [-0.5, -0.5]], requires_grad=True)
     old = torch.tensor([[-1.0, -1.0], [-0.45, -0.55]])  # s0 = e^0.5 = 1.65 (clipped), s1 = 1
     mask = torch.ones(2, 2, dtype=torch.bool)
-    loss, st = policy_loss(logp, old, torch.ones(2), mask, clip_low=0.2, clip_high=0.2, ratio_level="sequence")
+    loss, st = policy_loss(
+        logp, old, torch.ones(2), mask, clip_low=0.2, clip_high=0.2, ratio_level="sequence"
+    )
     (g,) = torch.autograd.grad(loss, logp)
     assert st["clip_frac"] == 0.5 and (g[0] == 0).all() and (g[1] != 0).all()
 
 
 # ---------------------------------------------------------------- KL, overlong, RL-PLUS
+
 
 def test_kl_k3_hand_value_and_policy_loss_term():
     logp = torch.log(torch.tensor([[0.5]]))
@@ -215,14 +258,18 @@ def test_kl_k3_hand_value_and_policy_loss_term():
     assert kl_k3(logp, logp).item() == 0.0
     mask = torch.ones(1, 1, dtype=torch.bool)
     base, _ = policy_loss(logp, logp, torch.ones(1), mask, clip_low=0.2, clip_high=0.2)
-    withkl, st = policy_loss(logp, logp, torch.ones(1), mask, clip_low=0.2, clip_high=0.2, ref_logp=ref, kl_beta=0.5)
+    withkl, st = policy_loss(
+        logp, logp, torch.ones(1), mask, clip_low=0.2, clip_high=0.2, ref_logp=ref, kl_beta=0.5
+    )
     assert (withkl - base).item() == pytest.approx(0.5 * 0.1931471805599454)
     assert st["kl"] == pytest.approx(0.1931471805599454)
 
 
 def test_overlong_penalty_and_truncation_mask():
     got = overlong_penalty(torch.tensor([5, 12, 13, 14, 16, 17]), max_len=16, buffer=4)
-    assert torch.allclose(got, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0], dtype=torch.float32))
+    assert torch.allclose(
+        got, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0], dtype=torch.float32)
+    )
     assert overlong_penalty(torch.tensor([15]), 16, 4, factor=0.5).item() == pytest.approx(-0.375)
     m = mask_truncated(torch.ones(3, 2, dtype=torch.bool), torch.tensor([False, True, False]))
     assert m.tolist() == [[True, True], [False, False], [True, True]]
@@ -244,13 +291,22 @@ def test_rl_plus_weights_hand_example():
     mask = torch.ones(2, 2, dtype=torch.bool)
     lp2 = torch.log(torch.tensor([[0.5, 0.9], [0.5, 0.5]]))
     tw = torch.cat([w.detach(), torch.zeros(1, 2)])
-    loss, st = policy_loss(lp2, lp2 - 3.0, torch.tensor([2.0, 0.0]), mask, clip_low=0.2, clip_high=0.2,
-                           token_weight=tw, demo=torch.tensor([True, False]))
+    loss, st = policy_loss(
+        lp2,
+        lp2 - 3.0,
+        torch.tensor([2.0, 0.0]),
+        mask,
+        clip_low=0.2,
+        clip_high=0.2,
+        token_weight=tw,
+        demo=torch.tensor([True, False]),
+    )
     assert loss.item() == pytest.approx(-2.0 * (0.5050762722761054 + w1) / 4)
     assert st["demo_weight_mean"] == pytest.approx((0.5050762722761054 + w1) / 2)
 
 
 # ---------------------------------------------------------------- analytic policy gradient
+
 
 def test_one_token_policy_gradient_matches_analytic():
     torch.manual_seed(0)
@@ -260,17 +316,22 @@ def test_one_token_policy_gradient_matches_analytic():
     adv = torch.tensor([0.865875, -0.865875, 0.865875, -0.865875])  # group [1, 0, 1, 0]
     logp = torch.log_softmax(theta, 0)[y][:, None]
     old = torch.log_softmax(theta_old, 0)[y][:, None]
-    loss, st = policy_loss(logp, old, adv, torch.ones(4, 1, dtype=torch.bool), clip_low=0.2, clip_high=0.2)
+    loss, st = policy_loss(
+        logp, old, adv, torch.ones(4, 1, dtype=torch.bool), clip_low=0.2, clip_high=0.2
+    )
     (g,) = torch.autograd.grad(loss, theta)
     assert st["clip_frac"] == 0.0
     # J = (1/N) sum_i rho_i A_i;  d rho_i / d theta = rho_i (onehot(y_i) - pi);  loss = -J
     pi = torch.softmax(theta.detach(), 0)
     rho = torch.exp(torch.log_softmax(theta.detach(), 0)[y] - torch.log_softmax(theta_old, 0)[y])
-    analytic = -sum(adv[i] * rho[i] * (torch.nn.functional.one_hot(y[i], 5) - pi) for i in range(4)) / 4
+    analytic = (
+        -sum(adv[i] * rho[i] * (torch.nn.functional.one_hot(y[i], 5) - pi) for i in range(4)) / 4
+    )
     assert torch.allclose(g, analytic, atol=1e-12)
 
 
 # ---------------------------------------------------------------- samplers
+
 
 def test_prompt_sampler_epochs_determinism_and_resume():
     s = PromptSampler(7, seed=3)
@@ -307,15 +368,19 @@ def test_dynamic_sampling_never_keeps_zero_variance_and_caps_retries():
     assert res.generated == res.dropped + 8 and len(res.source) == 8 and res.calls >= 2
 
     calls = []
-    res = dynamic_sampling(lambda n: np.zeros(n, dtype=int), lambda i: calls.append(len(i)) or np.zeros((len(i), 4)),
-                           want=4, max_refill=2)
+    res = dynamic_sampling(
+        lambda n: np.zeros(n, dtype=int),
+        lambda i: calls.append(len(i)) or np.zeros((len(i), 4)),
+        want=4,
+        max_refill=2,
+    )
     assert len(res.indices) == 0 and res.calls == 3 and calls == [4, 4, 4] and res.dropped == 12
 
 
 def test_vcrl_bank_capacity_replay_limit_and_resume():
     bank = VCRLBank(capacity=3, kappa=0.8, max_replay=2)
     half = [1.0, 1.0, 0.0, 0.0]  # p = 1
-    one = [1.0, 0.0, 0.0, 0.0]   # p = .75 < .8
+    one = [1.0, 0.0, 0.0, 0.0]  # p = .75 < .8
     keep = bank.offer([0, 1, 2], [half, one, half])
     assert keep.tolist() == [True, False, True] and len(bank) == 2 and 1 not in bank
     rng = np.random.default_rng(0)
@@ -334,17 +399,25 @@ def test_vcrl_bank_capacity_replay_limit_and_resume():
 
 def test_vcrl_bank_eviction_and_state_roundtrip():
     bank = VCRLBank(capacity=2, kappa=0.5, max_replay=3)
-    six = lambda k: [1.0] * k + [0.0] * (6 - k)  # G=6: p = k(6-k)/6/5 / (6/20)
-    bank.offer([10, 11], [six(2), six(3)])     # p = .889, 1
-    bank.offer([12], [six(1)])                 # p = .556: lowest, not admitted when full
+
+    def six(k):  # G=6 with k ones: p = (k(6-k)/30) / (6/20)
+        return [1.0] * k + [0.0] * (6 - k)
+
+    bank.offer([10, 11], [six(2), six(3)])  # p = .889, 1
+    bank.offer([12], [six(1)])  # p = .556: lowest, not admitted when full
     assert 12 not in bank
-    bank.offer([13], [six(3)])                 # p = 1 evicts 10 (p = .889)
+    bank.offer([13], [six(3)])  # p = 1 evicts 10 (p = .889)
     assert 10 not in bank and 11 in bank and 13 in bank
     clone = VCRLBank(capacity=9, kappa=0.1, max_replay=9)
     clone.load_state_dict(json.loads(json.dumps(bank.state_dict())))
     assert bank.replay(1) == clone.replay(1) == [11]  # tie at p=1: the older entry first
-    bank.offer([11], [six(0)])                 # no longer high-variance: leaves the bank
-    assert 11 not in bank
+    bank.offer([11], [six(1)])  # refreshed to p = .556: now the lowest
+    bank.offer([14], [six(2)])  # p = .889 evicts 11, not 13
+    assert 11 not in bank and 13 in bank and 14 in bank
+    bank.offer([13], [six(0)])  # no longer high-variance: leaves the bank
+    assert 13 not in bank
+    edge = VCRLBank(capacity=2, kappa=1.0, max_replay=1)
+    assert edge.offer([0], [[1.0, 1.0, 0.0, 0.0]]).tolist() == [True]  # p = 1 = kappa is kept
 
 
 def test_rlve_controller_window_and_raises():
@@ -365,7 +438,12 @@ def test_rlve_controller_window_and_raises():
     assert c.window("mul") == (1, 2)
     with pytest.raises(ValueError):
         c.update("add", 7, True)
-    assert c.allowed(["add", "add", "mul", "zzz"], [2, 4, 1, 1]).tolist() == [False, True, True, False]
+    assert c.allowed(["add", "add", "mul", "zzz"], [2, 4, 1, 1]).tolist() == [
+        False,
+        True,
+        True,
+        False,
+    ]
     d = RLVEController(["add", "mul"], tau_num=10, start=1)
     d.load_state_dict(json.loads(json.dumps(c.state_dict())))
     assert d.window("add") == c.window("add") and d.state_dict() == c.state_dict()
@@ -383,6 +461,7 @@ def test_rlve_accuracy_exactly_at_threshold_raises_and_cap_holds():
 
 # ---------------------------------------------------------------- config
 
+
 def test_config_defaults_validate_and_roundtrip():
     cfg = TrainConfig().validate()
     assert cfg.adv_mean == "group" and cfg.clip_high == 0.2 and cfg.loss_agg == "token-mean"
@@ -393,10 +472,17 @@ def test_config_defaults_validate_and_roundtrip():
 
 @pytest.mark.parametrize(
     "bad,field",
-    [({"adv_std": "mean"}, "adv_std"), ({"clip_low": 1.0}, "clip_low"), ({"group_size": 1}, "group_size"),
-     ({"vcrl_kappa": 1.5}, "vcrl_kappa"), ({"lr": "fast"}, "lr"), ({"seed": 1.5}, "seed"),
-     ({"dynamic_sampling": "yes"}, "dynamic_sampling"), ({"nonsense": 1}, "nonsense"),
-     ({"overlong_penalty": True, "overlong_buffer": 32}, "overlong_buffer")],
+    [
+        ({"adv_std": "mean"}, "adv_std"),
+        ({"clip_low": 1.0}, "clip_low"),
+        ({"group_size": 1}, "group_size"),
+        ({"vcrl_kappa": 1.5}, "vcrl_kappa"),
+        ({"lr": "fast"}, "lr"),
+        ({"seed": 1.5}, "seed"),
+        ({"dynamic_sampling": "yes"}, "dynamic_sampling"),
+        ({"nonsense": 1}, "nonsense"),
+        ({"overlong_penalty": True, "overlong_buffer": 32}, "overlong_buffer"),
+    ],
 )
 def test_config_bad_values_name_the_field(bad, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -407,15 +493,27 @@ def test_click_options_are_generated_from_the_dataclass():
     @click.command()
     @click_options
     def cmd(**kw):
-        click.echo(json.dumps(config_from_options(kw, base={"lr": 0.5, "clip_high": 0.1}).to_dict()))
+        click.echo(
+            json.dumps(
+                config_from_options(kw, base={"lr": 0.5, "clip_high": 0.1, "vcrl": True}).to_dict()
+            )
+        )
 
     assert len(cmd.params) == len(TrainConfig().to_dict())
     runner = CliRunner()
-    res = runner.invoke(cmd, ["--clip-high", "0.28", "--dynamic-sampling", "--loss-agg", "seq-mean-token-mean"])
+    res = runner.invoke(
+        cmd, ["--clip-high", "0.28", "--dynamic-sampling", "--loss-agg", "seq-mean-token-mean"]
+    )
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
-    want = {**TrainConfig().to_dict(), "lr": 0.5, "clip_high": 0.28, "dynamic_sampling": True,
-            "loss_agg": "seq-mean-token-mean"}
+    want = {
+        **TrainConfig().to_dict(),
+        "lr": 0.5,
+        "clip_high": 0.28,
+        "dynamic_sampling": True,
+        "vcrl": True,
+        "loss_agg": "seq-mean-token-mean",
+    }
     assert got == want
     assert runner.invoke(cmd, ["--adv-std", "bogus"]).exit_code == 2
     assert "--no-vcrl" in runner.invoke(cmd, ["--help"]).output

@@ -12,7 +12,9 @@ MEANS = ("group", "batch")
 STDS = ("group", "batch", "none")
 
 
-def group_advantages(rewards: Tensor, mean: str = "group", std: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor, mean: str = "group", std: str = "group", eps: float = 1e-4
+) -> Tensor:
     """A = (r - mean) / (std + eps), one scalar advantage per response.
 
     Args:

@@ -36,33 +36,63 @@ class TrainConfig:
     """GRPO trainer settings; units are stated in each field's help."""
 
     # advantages
-    adv_mean: str = _opt("group", "Baseline: mean reward over the prompt's group or the whole batch.", ADV_MEAN)
-    adv_std: str = _opt("group", "Scale: std (unbiased) over the group, the batch, or none (Dr. GRPO).", ADV_STD)
+    adv_mean: str = _opt(
+        "group", "Baseline: mean reward over the prompt's group or the whole batch.", ADV_MEAN
+    )
+    adv_std: str = _opt(
+        "group", "Scale: std (unbiased) over the group, the batch, or none (Dr. GRPO).", ADV_STD
+    )
     adv_eps: float = _opt(1e-4, "Added to the std in A = (r - mean) / (std + eps).")
     # surrogate
     clip_low: float = _opt(0.2, "PPO clip epsilon below 1: ratios under 1 - clip_low are clipped.")
     clip_high: float = _opt(0.2, "PPO clip epsilon above 1 (clip-higher, DAPO: 0.28).")
-    ratio_level: str = _opt("token", "Importance ratio per token, or per sequence (GSPO).", RATIO_LEVELS)
+    ratio_level: str = _opt(
+        "token", "Importance ratio per token, or per sequence (GSPO).", RATIO_LEVELS
+    )
     loss_agg: str = _opt("token-mean", "How per-token losses are averaged.", LOSS_AGGS)
-    mask_truncated: bool = _opt(False, "Drop responses cut at max_new_tokens from the loss (overlong filtering).")
+    mask_truncated: bool = _opt(
+        False, "Drop responses cut at max_new_tokens from the loss (overlong filtering)."
+    )
     overlong_penalty: bool = _opt(False, "Add DAPO's soft overlong penalty to the reward.")
-    overlong_buffer: int = _opt(4, "Tokens before max_new_tokens where the soft penalty ramps from 0 to -1.")
+    overlong_buffer: int = _opt(
+        4, "Tokens before max_new_tokens where the soft penalty ramps from 0 to -1."
+    )
     overlong_penalty_factor: float = _opt(1.0, "Scale of the soft overlong penalty (reward units).")
-    kl_beta: float = _opt(0.0, "Weight of the k3 KL estimate to the frozen reference policy (0: no reference).")
+    kl_beta: float = _opt(
+        0.0, "Weight of the k3 KL estimate to the frozen reference policy (0: no reference)."
+    )
     mu_updates: int = _opt(1, "Optimiser updates per generated batch (mu).")
     # sampling
-    dynamic_sampling: bool = _opt(False, "Drop groups whose rewards are all equal and refill from the shard.")
-    max_refill: int = _opt(3, "Most extra generation rounds per step when dynamic sampling or VCRL refills.")
-    vcrl: bool = _opt(False, "VCRL: keep groups with normalised reward variance p >= vcrl_kappa; replay from a bank.")
+    dynamic_sampling: bool = _opt(
+        False, "Drop groups whose rewards are all equal and refill from the shard."
+    )
+    max_refill: int = _opt(
+        3, "Most extra generation rounds per step when dynamic sampling or VCRL refills."
+    )
+    vcrl: bool = _opt(
+        False,
+        "VCRL: keep groups with normalised reward variance p >= vcrl_kappa; replay from a bank.",
+    )
     vcrl_kappa: float = _opt(0.8, "VCRL threshold on p = var / var_max, in [0, 1].")
     vcrl_bank_size: int = _opt(64, "VCRL memory bank capacity (groups).")
-    vcrl_max_replay: int = _opt(2, "Times one banked group may be replayed before it leaves the bank.")
+    vcrl_max_replay: int = _opt(
+        2, "Times one banked group may be replayed before it leaves the bank."
+    )
     rlve: bool = _opt(False, "RLVE adaptive difficulty per task family (generator-backed pools).")
-    rlve_tau_acc: float = _opt(0.9, "RLVE: raise a task's top difficulty h when accuracy at h reaches this.")
-    rlve_tau_num: int = _opt(32, "RLVE: responses at difficulty h needed before accuracy is checked.")
+    rlve_tau_acc: float = _opt(
+        0.9, "RLVE: raise a task's top difficulty h when accuracy at h reaches this."
+    )
+    rlve_tau_num: int = _opt(
+        32, "RLVE: responses at difficulty h needed before accuracy is checked."
+    )
     rlve_window: int = _opt(3, "RLVE: sample difficulties in [h - rlve_window, h].")
-    rl_plus: bool = _opt(False, "RL-PLUS: add the prompt's reference solution to its group as an external demonstration.")
-    rl_plus_gamma: float = _opt(0.5, "RL-PLUS exploration exponent: weight (1 - pi_theta(token)) ** gamma.")
+    rl_plus: bool = _opt(
+        False,
+        "RL-PLUS: add the prompt's reference solution to its group as an external demonstration.",
+    )
+    rl_plus_gamma: float = _opt(
+        0.5, "RL-PLUS exploration exponent: weight (1 - pi_theta(token)) ** gamma."
+    )
     # loop
     batch_prompts: int = _opt(8, "Prompts per step.")
     group_size: int = _opt(8, "Responses per prompt (G).")
@@ -82,7 +112,9 @@ class TrainConfig:
             _check_type(f.name, _types()[f.name], getattr(self, f.name))
             choices = f.metadata["choices"]
             if choices is not None and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}: must be one of {'|'.join(choices)}, got {getattr(self, f.name)!r}")
+                raise ValueError(
+                    f"{f.name}: must be one of {'|'.join(choices)}, got {getattr(self, f.name)!r}"
+                )
         checks = [
             ("adv_eps", self.adv_eps >= 0, "must be >= 0"),
             ("clip_low", 0 <= self.clip_low < 1, "must be in [0, 1)"),
@@ -112,7 +144,11 @@ class TrainConfig:
         ]
         if self.overlong_penalty:
             checks.append(
-                ("overlong_buffer", 1 <= self.overlong_buffer <= self.max_new_tokens, "must be in [1, max_new_tokens]")
+                (
+                    "overlong_buffer",
+                    1 <= self.overlong_buffer <= self.max_new_tokens,
+                    "must be in [1, max_new_tokens]",
+                )
             )
         for name, ok, reason in checks:
             if not ok:

@@ -17,7 +17,12 @@ RATIO_LEVELS = ("token", "sequence")
 
 
 def aggregate(
-    values: Tensor, mask: Tensor, mode: str, *, norm_len: int | None = None, total: float | None = None
+    values: Tensor,
+    mask: Tensor,
+    mode: str,
+    *,
+    norm_len: int | None = None,
+    total: float | None = None,
 ) -> Tensor:
     """Average per-token values [N, L] into a scalar.
 
@@ -45,7 +50,11 @@ def aggregate(
         per_seq = masked.sum(dim=-1) / float(norm_len if norm_len is not None else values.shape[-1])
     else:
         raise ValueError(f"loss aggregation must be one of {AGG_MODES}, got {mode!r}")
-    rows = (lengths > 0).sum().to(values.dtype) if total is None else torch.as_tensor(total, dtype=values.dtype)
+    rows = (
+        (lengths > 0).sum().to(values.dtype)
+        if total is None
+        else torch.as_tensor(total, dtype=values.dtype)
+    )
     return per_seq.sum() / rows.clamp(min=1)
 
 
@@ -104,7 +113,9 @@ def mask_truncated(mask: Tensor, truncated: Tensor) -> Tensor:
     return mask & keep if mask.dtype == torch.bool else mask * keep.to(mask.dtype)
 
 
-def rl_plus_token_weights(logp: Tensor, old_logp: Tensor, omega_logp: Tensor | float, gamma: float = 0.5) -> Tensor:
+def rl_plus_token_weights(
+    logp: Tensor, old_logp: Tensor, omega_logp: Tensor | float, gamma: float = 0.5
+) -> Tensor:
     """RL-PLUS per-token weight of an external demonstration: r^m * C (arXiv 2508.00222).
 
     r^m = pi_theta / (1/2 pi_old + 1/2 omega)   multiple-importance ratio; the gradient flows

@@ -97,9 +97,13 @@ def dynamic_sampling(
     calls = generated = kept = 0
     while kept < want and calls <= max_refill:
         indices = np.asarray(draw(want - kept), dtype=np.int64)
-        rewards = np.asarray(torch.as_tensor(generate(indices)).detach().cpu().numpy(), dtype=np.float64)
+        rewards = np.asarray(
+            torch.as_tensor(generate(indices)).detach().cpu().numpy(), dtype=np.float64
+        )
         if rewards.ndim != 2 or rewards.shape[0] != len(indices):
-            raise ValueError(f"generate() must return rewards [{len(indices)}, G], got shape {rewards.shape}")
+            raise ValueError(
+                f"generate() must return rewards [{len(indices)}, G], got shape {rewards.shape}"
+            )
         ok = np.asarray(keep(rewards), dtype=bool)
         rows = np.flatnonzero(ok)
         idx_parts.append(indices[rows])
@@ -135,9 +139,17 @@ class VCRLBank:
     `max_replay` times during one stay.
     """
 
-    def __init__(self, capacity: int, kappa: float, max_replay: int, reward_range: tuple[float, float] = (0.0, 1.0)):
+    def __init__(
+        self,
+        capacity: int,
+        kappa: float,
+        max_replay: int,
+        reward_range: tuple[float, float] = (0.0, 1.0),
+    ):
         if capacity < 1 or max_replay < 1 or not 0 <= kappa <= 1:
-            raise ValueError(f"VCRLBank: need capacity >= 1, max_replay >= 1, kappa in [0, 1]; got {capacity}, {max_replay}, {kappa}")
+            raise ValueError(
+                f"VCRLBank: need capacity >= 1, max_replay >= 1, kappa in [0, 1]; got {capacity}, {max_replay}, {kappa}"
+            )
         self.capacity, self.kappa, self.max_replay = int(capacity), float(kappa), int(max_replay)
         self.reward_range = reward_range
         self._entries: dict[int, list] = {}  # key -> [p, replays, admitted_at]
@@ -156,7 +168,9 @@ class VCRLBank:
     def offer(self, keys: Iterable[int], rewards) -> np.ndarray:
         """Score groups (rewards [n, G]) and bank the ones with p >= kappa; returns keep, bool [n]."""
         keys = [int(k) for k in keys]
-        p = normalised_variance(torch.as_tensor(rewards, dtype=torch.float64), self.reward_range).numpy()
+        p = normalised_variance(
+            torch.as_tensor(rewards, dtype=torch.float64), self.reward_range
+        ).numpy()
         keep = p >= self.kappa
         for key, pk, ok in zip(keys, p.tolist(), keep.tolist()):
             if key in self._entries:
@@ -179,7 +193,9 @@ class VCRLBank:
 
     def replay(self, n: int) -> list[int]:
         """Up to n banked keys to train on again (highest p first); counts one replay each."""
-        order = sorted(self._entries, key=lambda k: (-self._entries[k][0], self._entries[k][2]))[: max(n, 0)]
+        order = sorted(self._entries, key=lambda k: (-self._entries[k][0], self._entries[k][2]))[
+            : max(n, 0)
+        ]
         for key in order:
             self._entries[key][1] += 1
             if self._entries[key][1] >= self.max_replay:
@@ -196,7 +212,11 @@ class VCRLBank:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.capacity, self.kappa, self.max_replay = int(state["capacity"]), float(state["kappa"]), int(state["max_replay"])
+        self.capacity, self.kappa, self.max_replay = (
+            int(state["capacity"]),
+            float(state["kappa"]),
+            int(state["max_replay"]),
+        )
         self._clock = int(state["clock"])
         self._entries = {int(k): [float(p), int(r), int(t)] for k, p, r, t in state["entries"]}
 
@@ -223,11 +243,15 @@ class RLVEController:
     ):
         tasks = list(dict.fromkeys(tasks))
         if not tasks or tau_num < 1 or window < 0 or not 0 < tau_acc <= 1:
-            raise ValueError("RLVEController: need tasks, tau_num >= 1, window >= 0, tau_acc in (0, 1]")
+            raise ValueError(
+                "RLVEController: need tasks, tau_num >= 1, window >= 0, tau_acc in (0, 1]"
+            )
         self.tau_acc, self.tau_num, self.width = float(tau_acc), int(tau_num), int(window)
         self._start = {t: int(start[t] if isinstance(start, Mapping) else start) for t in tasks}
         self._cap = {
-            t: None if max_level is None else int(max_level[t] if isinstance(max_level, Mapping) else max_level)
+            t: None
+            if max_level is None
+            else int(max_level[t] if isinstance(max_level, Mapping) else max_level)
             for t in tasks
         }
         self._h = dict(self._start)
@@ -247,7 +271,9 @@ class RLVEController:
         """Record one verified response; returns True when this raised the task's h."""
         h = self._h[task]
         if difficulty > h:
-            raise ValueError(f"RLVE: task {task!r} got difficulty {difficulty} above its current top {h}")
+            raise ValueError(
+                f"RLVE: task {task!r} got difficulty {difficulty} above its current top {h}"
+            )
         if difficulty < h:
             return False
         self._seen[task] += 1
@@ -285,8 +311,14 @@ class RLVEController:
 
     def load_state_dict(self, state: Mapping) -> None:
         if set(state["h"]) != set(self._h):
-            raise ValueError(f"RLVE state is for tasks {sorted(state['h'])}, this run has {sorted(self._h)}")
-        self.tau_acc, self.tau_num, self.width = float(state["tau_acc"]), int(state["tau_num"]), int(state["window"])
+            raise ValueError(
+                f"RLVE state is for tasks {sorted(state['h'])}, this run has {sorted(self._h)}"
+            )
+        self.tau_acc, self.tau_num, self.width = (
+            float(state["tau_acc"]),
+            int(state["tau_num"]),
+            int(state["window"]),
+        )
         self._h = {t: int(v) for t, v in state["h"].items()}
         self._seen = {t: int(v) for t, v in state["seen"].items()}
         self._correct = {t: float(v) for t, v in state["correct"].items()}
