@@ -167,7 +167,7 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
               help="Target set trajectories (repeatable).")
 @click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
 @click.option("--behavior-model", default=None, help="Recompute behaviour log-probs with this model (else stored, else on-policy).")
-@click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak"]), default="sjlt", show_default=True)
+@click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak", "kron"]), default="sjlt", show_default=True)
 @click.option("--k", type=click.IntRange(min=1), default=8192, show_default=True, help="Projected dimension.")
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True, help="mask-dense: kept ratio ρ.")
 @click.option("--s", "sjlt_s", type=click.IntRange(min=1), default=1, show_default=True, help="sjlt: nonzeros per coordinate.")
@@ -274,9 +274,88 @@ def _not_yet(name: str, issue: str):
     return _cmd
 
 
-_not_yet("train", "the GRPO trainer, issue 5")
-_not_yet("eval", "issue 5")
-_not_yet("run", "the CROPI loop, issue 6")
+from cropi.train.config import click_options as _train_options  # noqa: E402
+
+
+@main.command("train")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML in a run's config.yaml layout (run options + a `train:` section); flags override it.")
+@click.option("--curriculum", "curriculum_dir", type=click.Path(path_type=Path), default=None,
+              help="Curriculum folder (stage-000, stage-001, ...).")
+@click.option("--model", default=None, help=MODEL_HELP + " [default: tiny]")
+@click.option("--target", "targets", type=click.Path(path_type=Path), multiple=True,
+              help="Target set (prompts or trajectories; trajectories with --rescore), repeatable: greedy accuracy "
+                   "every --eval-every steps, and --rescore's target gradients.")
+@click.option("--heldout", type=click.Path(path_type=Path), multiple=True, help="Eval-only set, repeatable.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="Run folder [default: runs/train-<time>].")
+@click.option("--resume", is_flag=True, help="Continue RUN from its latest checkpoint, exactly.")
+@click.option("--rescore/--no-rescore", default=None,
+              help="When the next stage is missing, score --trajectories with the current checkpoint and select it.")
+@click.option("--trajectories", type=click.Path(path_type=Path), default=None, help="--rescore: the offline pool.")
+@click.option("--selector", default=None, help="--rescore: popi | random | learnability | variance | pass-band | full [default: popi].")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="--rescore: stage fraction [default: 0.1].")
+@click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak", "kron"]), default=None,
+              help="--rescore: projector [default: sjlt].")
+@click.option("--k", type=click.IntRange(min=1), default=None, help="--rescore: projected dimension [default: 8192].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this global step with a checkpoint (continue with --resume).")
+@_train_options
+def train(config_file, curriculum_dir, model, targets, heldout, run_dir, resume, rescore, trajectories, selector, ratio,
+          projector, k, device, max_steps, **options):
+    """GRPO on the curriculum, stage by stage: metrics, checkpoints, eval, plots in RUN/."""
+    import time
+
+    from cropi.train import loop
+
+    if run_dir is None:
+        if resume:
+            raise schema.InputError("--resume", None, "--run", "name the run folder to resume")
+        run_dir = Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    run_options = dict(curriculum=curriculum_dir, model=model, targets=targets, heldout=heldout, rescore=rescore,
+                       trajectories=trajectories, selector=selector, ratio=ratio, projector=projector, k=k)
+    spec = loop.resolve_spec(run_dir, resume=resume, config_file=config_file, run_options=run_options,
+                             train_options=options)
+    summary = loop.train(run_dir, spec, resume=resume, max_steps=max_steps, device=device)
+    click.echo(json.dumps(summary))
+    if summary["stopped"]:
+        sys.exit(128 + summary["stopped"])
+@main.command("eval")
+@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
+@click.option("--target", "targets", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="Prompts or trajectories file to evaluate on, repeatable.")
+@click.option("--n-samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Responses per prompt; pass@k for k = 1, 2, 4, ..., n (needs --temperature > 0).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+def eval_cmd(model, targets, n_samples, temperature, max_new_tokens, seed, device, out):
+    """Accuracy (greedy by default) and pass@k per set; JSON to stdout."""
+    from cropi.distributed import default_device
+    from cropi.evaluate import run_eval
+
+    report = run_eval(model, list(targets), n_samples=n_samples, temperature=temperature,
+                      max_new_tokens=max_new_tokens, seed=seed, device=default_device(device), out=out)
+    click.echo(json.dumps(report))
+@main.command("run")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--root", type=click.Path(path_type=Path), default=None, help="Output folder (default: runs/NAME).")
+@click.option("--method", "methods", multiple=True, help="Only these methods (default: the config's compare.methods).")
+@click.option("--seed", "seeds", type=int, multiple=True, help="Only these seeds (default: the config's compare.seeds).")
+def run_cmd(config, root, methods, seeds):
+    """The whole loop from a YAML config: data, offline rollout, score/select/train per stage, and
+    the baselines beside CROPI on the same budget. Finished parts are skipped; a killed run resumes."""
+    from pipelines import compare, cropi_loop
+
+    cfg = cropi_loop.load_config(config)
+    root = root or Path("runs") / cfg["name"]
+    runs = cropi_loop.run(config, root, list(methods) or None, list(seeds) or None)
+    comp = compare.summarize(root, runs)
+    click.echo(compare.table(comp))
+    click.echo(f"\nwrote {root}/comparison.md, {root}/comparison.json, {root}/comparison.png")
 
 
 if __name__ == "__main__":

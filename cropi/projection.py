@@ -95,8 +95,9 @@ def mask_size(d: int, density: float) -> int:
 
 
 @lru_cache(maxsize=4)
-def kept_index(d: int, density: float, seed: int) -> torch.Tensor:
+def kept_index(d: int, density: float, seed: int, device: str = "cpu") -> torch.Tensor:
     """Sorted int64 [m] coordinates kept by mask-dense: the m smallest hash32(key(1, 0), i), ties by i.
+    Computed on ``device`` (a CUDA device hashes d = 1e9 coordinates quickly) and returned there.
 
     Two passes over d in chunks (a 2^16-bin histogram of the hash's top 16 bits, then the
     coordinates below the boundary bin plus a stable sort of the boundary bin), so memory
@@ -104,19 +105,19 @@ def kept_index(d: int, density: float, seed: int) -> torch.Tensor:
     """
     m = mask_size(d, density)
     if m >= d:
-        return torch.arange(d, dtype=torch.int64)  # Projector never asks for this (O(d)) case
-    key = _keys(seed, _STREAM_MASK, torch.tensor(0))
+        return torch.arange(d, dtype=torch.int64, device=device)  # Projector never asks for this (O(d)) case
+    key = _keys(seed, _STREAM_MASK, torch.tensor(0)).to(device)
     chunk = _MASK_CHUNK
-    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    counts = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for start in range(0, d, chunk):
-        h = hash32(key, torch.arange(start, min(d, start + chunk)))
+        h = hash32(key, torch.arange(start, min(d, start + chunk), device=device))
         counts += torch.bincount(h >> 16, minlength=1 << 16)
     cum = counts.cumsum(0)
     edge = int(torch.searchsorted(cum, m))  # first bin whose cumulative count reaches m
     need = m - (int(cum[edge - 1]) if edge > 0 else 0)
     kept, cand_i, cand_h = [], [], []
     for start in range(0, d, chunk):
-        i = torch.arange(start, min(d, start + chunk))
+        i = torch.arange(start, min(d, start + chunk), device=device)
         h = hash32(key, i)
         top = h >> 16
         kept.append(i[top < edge])
@@ -147,6 +148,15 @@ def _dense_rows(coords: torch.Tensor, k: int, keys: torch.Tensor, dist: str) -> 
     return z.reshape(len(coords), -1)[:, :k].to(torch.float32)
 
 
+def _gpu_kernels(device: torch.device):
+    """cropi.kernels (Triton) for a CUDA device when Triton imports, else None (torch path)."""
+    if device.type != "cuda":
+        return None
+    from cropi import kernels
+
+    return kernels if kernels.available() else None
+
+
 class Projector:
     """A seeded projection R^d -> R^k applied block by block; see the module docstring."""
 
@@ -171,6 +181,7 @@ class Projector:
         self.device = torch.device(device)
         self._sjlt_cache: OrderedDict = OrderedDict()
         self._trak, self.impl = None, None
+        self._gpu = _gpu_kernels(self.device) if kind in ("sjlt", "dense", "mask-dense") else None
         if kind in ("dense", "mask-dense"):
             if dist == "rademacher":
                 self._keys = _keys(seed, _STREAM_RADEMACHER, torch.arange((k + 31) // 32))
@@ -181,7 +192,7 @@ class Projector:
         if kind == "mask-dense":
             self.m = mask_size(d, density)
             # m == d keeps everything; never materialise arange(d) for that case
-            self._kept = kept_index(d, self.density, seed).to(self.device) if self.m < d else None
+            self._kept = kept_index(d, self.density, seed, str(self.device)) if self.m < d else None
         if kind == "sjlt":
             self._keys = _keys(seed, _STREAM_SJLT, torch.arange(s)).to(self.device)
         if kind == "trak":
@@ -228,6 +239,8 @@ class Projector:
         n, offset = x.shape[1], operator.index(offset)
         if not (offset >= 0 and offset + n <= self.d):
             raise ValueError(f"block [{offset}, {offset}+{n}) is outside [0, d={self.d})")
+        if self._gpu is not None:
+            return self._gpu.project(self, x, offset)
         x = x.to(device=self.device, dtype=torch.float32)
         if self.kind == "identity":
             out = torch.zeros(x.shape[0], self.d, device=self.device)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cropi import models, schema, tasks
+from cropi.distributed import barrier
 from cropi.runtime import derive_seed, progress
 
 
@@ -60,6 +61,12 @@ def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperat
     table = schema.prompt_columns(schema.read_table(prompts_path))
     if limit is not None:
         table = table.slice(0, limit)
+    parts = _parts_dir(out)
+    if rank == 0:
+        models.resolve(model)  # builds the tiny default once, before the other ranks load it
+        if parts.exists() and not resume:
+            shutil.rmtree(parts)  # a fresh run starts over
+    barrier()
     policy = models.load(model, device=device)
     meta = {
         "kind": "trajectories",
@@ -77,9 +84,6 @@ def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperat
         "chunk": chunk,
         "rows": table.num_rows,
     }
-    parts = _parts_dir(out)
-    if parts.exists() and not resume and world == 1:
-        shutil.rmtree(parts)  # a fresh single-process run starts over
     parts.mkdir(parents=True, exist_ok=True)
     _check_parts_meta(parts, meta, out)
     behavior = f"{model}@{meta['fingerprint']}"

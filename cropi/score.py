@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from cropi import features as F
-from cropi import influence, models, schema
+from cropi import influence, kron, models, schema
 from cropi.distributed import all_reduce_sum, barrier
 from cropi.policy_grad import GradConfig, is_zero_signal, param_dim, prompt_gradients, select_params, token_weights
 from cropi.projection import make_projector
@@ -152,8 +152,11 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
     for s in range(0, len(todo), cfg.batch):
         batch = todo[s : s + cfg.batch]
         weights = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg.grad, pool_std) for i in batch]
-        f, gn = prompt_gradients(policy, [prep.prompt_ids[i] for i in batch], [prep.responses[i] for i in batch], weights,
-                                 [prep.behavior_logp[i] for i in batch], names, cfg.grad, projector.project, cfg.micro_batch)
+        args = ([prep.prompt_ids[i] for i in batch], [prep.responses[i] for i in batch], weights, [prep.behavior_logp[i] for i in batch])
+        if isinstance(projector, kron.KronProjector):
+            f, gn = kron.prompt_features(policy, *args, cfg.grad, projector, cfg.micro_batch)
+        else:
+            f, gn = prompt_gradients(policy, *args, names, cfg.grad, projector.project, cfg.micro_batch)
         for j, i in enumerate(batch):
             feats[i - lo] = f[j].numpy()
             norms[i - lo] = float(gn[j])
@@ -199,8 +202,12 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     out = Path(out)
     if not targets:
         raise schema.InputError(out, None, "--target", "at least one target set is needed")
-    if out.exists() and overwrite and rank == 0:
-        shutil.rmtree(out)
+    if rank == 0:
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        for m in (model if policy is None else None, behavior_model):
+            if m:
+                models.resolve(m)  # builds the tiny default once, before the other ranks load it
     barrier()
     if (out / "meta.json").exists() and not resume:
         raise schema.InputError(out, None, None, "scores already exist here; pass --resume to continue or --overwrite to replace")
@@ -223,11 +230,15 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         grad_cfg = GradConfig(**{**grad_cfg.to_dict(), "temperature": rmeta["temperature"]})
         cfg = ScoreConfig(**{**cfg.__dict__, "grad": grad_cfg})
     names = select_params(policy.model, grad_cfg.params)
+    if cfg.projector == "kron":  # features cover the nn.Linear weights only: score and check them alone
+        projector = kron.KronProjector(policy.model, names, cfg.k, cfg.seed, dist=cfg.dist, device=policy.device)
+        names = projector.names
     d = param_dim(policy.model, names)
-    k = d if cfg.projector == "identity" else cfg.k
+    k = d if cfg.projector == "identity" else projector.k if cfg.projector == "kron" else cfg.k
     cfg = ScoreConfig(**{**cfg.__dict__, "k": k})
-    projector = make_projector(cfg.projector, d, k, cfg.seed, density=cfg.density, s=cfg.s, dist=cfg.dist,
-                               device=policy.device)
+    if cfg.projector != "kron":
+        projector = make_projector(cfg.projector, d, k, cfg.seed, density=cfg.density, s=cfg.s, dist=cfg.dist,
+                                   device=policy.device)
     all_rewards = np.concatenate([np.asarray(r, dtype=np.float64) for r in table.column("rewards").to_pylist()])
     pool_std = float(all_rewards.std(ddof=1)) if all_rewards.size > 1 else 0.0
     store_meta = {

@@ -46,8 +46,8 @@ def pass_rate(policy: models.Policy, rows: list[dict], *, seed: int = 0, max_new
     return sum(r >= 0.5 for r in rew) / len(rows)
 
 
-def warmup(out=None, *, seed: int = 0, max_steps: int = 3000, batch_size: int = 64, lr: float = 3e-3,
-           target: float = 0.35, eval_every: int = 100, n_per_spec: int = 2000, eval_n: int = 256,
+def warmup(out=None, *, seed: int = 0, max_steps: int = 1500, batch_size: int = 32, lr: float = 3e-3,
+           target: float = 0.3, eval_every: int = 50, n_per_spec: int = 400, eval_n: int = 128,
            specs: list[str] | None = None) -> dict:
     """Build the tiny model, train it until its pass rate on the default pool reaches ``target``,
     save it (with ``cropi.json`` recording what was reached) and return that info."""
@@ -75,8 +75,8 @@ def warmup(out=None, *, seed: int = 0, max_steps: int = 3000, batch_size: int = 
         bar.update(1)
         if step % eval_every == 0:
             rate = pass_rate(policy, eval_rows, seed=step)
-            history.append({"step": step, "loss": round(float(loss), 4), "pass_rate": round(rate, 4)})
-            bar.set_postfix(loss=f"{float(loss):.3f}", pass_rate=f"{rate:.2f}")
+            history.append({"step": step, "loss": round(loss.item(), 4), "pass_rate": round(rate, 4)})
+            bar.set_postfix(loss=f"{loss.item():.3f}", pass_rate=f"{rate:.2f}")
             if rate >= target:
                 break
     bar.close()

@@ -25,6 +25,8 @@ ADV_MEAN = ("group", "batch")
 ADV_STD = ("group", "batch", "none")
 RATIO_LEVELS = ("token", "sequence")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+RL_PLUS_OMEGAS = ("one", "old")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _opt(default, help: str, choices: tuple[str, ...] | None = None):
@@ -93,6 +95,12 @@ class TrainConfig:
     rl_plus_gamma: float = _opt(
         0.5, "RL-PLUS exploration exponent: weight (1 - pi_theta(token)) ** gamma."
     )
+    rl_plus_omega: str = _opt(
+        "one",
+        "RL-PLUS: probability of a demonstration token under the external policy: one (a fixed "
+        "reference solution is deterministic) or old (pi_old: the weight reduces to pi_theta/pi_old).",
+        RL_PLUS_OMEGAS,
+    )
     # loop
     batch_prompts: int = _opt(8, "Prompts per step.")
     group_size: int = _opt(8, "Responses per prompt (G).")
@@ -100,11 +108,23 @@ class TrainConfig:
     max_new_tokens: int = _opt(16, "Generation budget per response (tokens).")
     temperature: float = _opt(1.0, "Sampling temperature.")
     steps_per_stage: int = _opt(10, "Optimiser steps per curriculum stage.")
+    stages: int = _opt(
+        0, "Curriculum stages to train (0: every stage the curriculum holds when training starts)."
+    )
+    micro_batch: int = _opt(
+        0, "Responses per forward/backward pass (0: the whole batch); the update does not change."
+    )
     eval_every: int = _opt(5, "Evaluate target accuracy every N steps (0: only at the end).")
     checkpoint_every: int = _opt(10, "Checkpoint every N steps (0: only on stop).")
     seed: int = _opt(0, "Seed for data order, sampling and initialisation.")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0: off).")
     warmup_steps: int = _opt(0, "Linear learning-rate warm-up steps.")
+    lr_schedule: str = _opt(
+        "constant",
+        "After warm-up: constant, or cosine decay reaching 0 after the last step.",
+        LR_SCHEDULES,
+    )
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
 
     def validate(self) -> TrainConfig:
         """Check every field; raise ValueError("FIELD: reason") on the first bad one. Returns self."""
@@ -136,11 +156,14 @@ class TrainConfig:
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("temperature", self.temperature > 0, "must be > 0"),
             ("steps_per_stage", self.steps_per_stage >= 1, "must be >= 1"),
+            ("stages", self.stages >= 0, "must be >= 0"),
+            ("micro_batch", self.micro_batch >= 0, "must be >= 0"),
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("seed", self.seed >= 0, "must be >= 0"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
         ]
         if self.overlong_penalty:
             checks.append(

@@ -1,0 +1,159 @@
+"""Accuracy and pass@k of a policy on prompt sets: the trainer's periodic eval and `cropi eval`.
+
+A set is any prompts or trajectories table (only the prompt columns are used). A response
+passes when its verifiable reward is at least `schema.PASS_THRESHOLD`. Greedy decoding
+(temperature 0) gives one deterministic answer per prompt; with n samples at temperature > 0,
+accuracy is the mean per-prompt pass rate c/n and pass@k is the unbiased estimator of
+Chen et al. (2021), 1 - C(n - c, k) / C(n, k), averaged over prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cropi import models, schema, tasks
+from cropi.runtime import derive_seed
+from cropi.score import _target_names as set_names  # one naming rule: eval names == score__<name>
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k draws (without replacement) from n responses, c of
+    which pass, passes: 1 - C(n - c, k) / C(n, k). Requires 1 <= k <= n, 0 <= c <= n."""
+    if not (1 <= k <= n and 0 <= c <= n):
+        raise ValueError(f"pass_at_k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def ks_for(n: int) -> list[int]:
+    """The k reported for n samples: powers of two below n, and n."""
+    return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
+
+
+def load_set(path) -> list[dict]:
+    """Prompt rows (id, prompt, answer, task, difficulty, split[, metadata]) of a prompts or
+    trajectories file."""
+    return schema.prompt_columns(schema.read_table(path)).to_pylist()
+
+
+@torch.no_grad()
+def evaluate(
+    policy: models.Policy,
+    rows: list[dict],
+    *,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    batch: int = 256,
+) -> dict:
+    """Sample `n_samples` responses per row, verify them, and summarise.
+
+    Args:
+        rows: prompt rows (prompt, answer, task, metadata...).
+        temperature: 0 = greedy (then n_samples must be 1).
+        seed: seeds the sampling generator (unused when greedy).
+        batch: sequences per `models.sample` call.
+
+    Returns: {"n": prompts, "n_samples", "accuracy": mean c/n, "pass@k": {k: mean pass@k}
+    (k in `ks_for(n_samples)`, as strings), "mean_reward", "resp_len" (mean tokens), "trunc_rate",
+    "per_task": {task: accuracy}}. Floats are python floats.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if temperature <= 0 and n_samples > 1:
+        raise ValueError(
+            "--n-samples > 1 needs --temperature > 0 (greedy answers are all the same)"
+        )
+    if not rows:
+        raise ValueError("evaluate: no prompts")
+    policy.model.eval()
+    prompt_ids = models.encode_prompts(policy, [r["prompt"] for r in rows])
+    flat_ids = [p for p in prompt_ids for _ in range(n_samples)]
+    flat_rows = [r for r in rows for _ in range(n_samples)]
+    gen = torch.Generator().manual_seed(derive_seed(seed, "eval"))
+    responses: list[list[int]] = []
+    for s in range(0, len(flat_ids), batch):
+        responses += models.sample(
+            policy,
+            flat_ids[s : s + batch],
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            generator=gen,
+        )
+    rewards = np.asarray(
+        tasks.rewards(models.decode_responses(policy, responses), flat_rows), dtype=np.float64
+    ).reshape(len(rows), n_samples)
+    correct = (rewards >= schema.PASS_THRESHOLD).sum(axis=1)
+    acc = correct / n_samples
+    eos = policy.tokenizer.eos_token_id
+    per_task: dict[str, list[float]] = {}
+    for r, a in zip(rows, acc.tolist()):
+        per_task.setdefault(r["task"], []).append(a)
+    return {
+        "n": len(rows),
+        "n_samples": n_samples,
+        "accuracy": float(acc.mean()),
+        "pass@k": {
+            str(k): float(np.mean([pass_at_k(n_samples, int(c), k) for c in correct]))
+            for k in ks_for(n_samples)
+        },
+        "mean_reward": float(rewards.mean()),
+        "resp_len": float(np.mean([len(x) for x in responses])),
+        "trunc_rate": float(np.mean([models.is_truncated(x, eos) for x in responses])),
+        "per_task": {t: float(np.mean(v)) for t, v in sorted(per_task.items())},
+    }
+
+
+def run_eval(
+    model: str,
+    sets: list,
+    *,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    out=None,
+    policy: models.Policy | None = None,
+) -> dict:
+    """`cropi eval`: evaluate `model` (or the given in-memory `policy`) on every file in `sets`.
+
+    Returns (and writes atomically to `out` when given) {"model", "checkpoint", settings,
+    "sets": {name: evaluate(...) + {"path"}}, "seconds"}; set names follow `cropi score`'s.
+    """
+    if not sets:
+        raise schema.InputError("--target", None, None, "at least one set to evaluate is needed")
+    t0 = time.time()
+    loaded = [load_set(p) for p in sets]  # read every file before the model loads: fail fast
+    policy = policy or models.load(model, device=device)
+    results = {}
+    for name, path, rows in zip(set_names(sets), sets, loaded):
+        res = evaluate(
+            policy,
+            rows,
+            n_samples=n_samples,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=derive_seed(seed, name),
+        )
+        results[name] = {"path": str(path), **res}
+    report = {
+        "model": model,
+        "checkpoint": policy.path,
+        "n_samples": n_samples,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "sets": results,
+        "seconds": round(time.time() - t0, 2),
+    }
+    if out is not None:
+        schema.write_json_atomic(report, Path(out))
+    return report

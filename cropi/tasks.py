@@ -1,0 +1,426 @@
+"""The verifiable task suite: prompt pools from reasoning-gym generators, rewards from their scorers.
+
+A task spec is ``NAME[:key=value,...]``, e.g. ``basic_arithmetic:difficulty=2,min_terms=2``.
+``NAME`` is a reasoning-gym dataset (see :func:`list_tasks`). ``difficulty=N`` picks level N of
+the task's reasoning-gym curriculum: every curriculum attribute is set to level
+``min(N, its last level)`` (``BaseCurriculum.set_global_level``) and the config takes that level's
+value alone (``RangeAttributeMode.UPPER_BOUND``; for attributes defined as intervals, the range
+from level N to level N+1). Valid N are ``0 .. num_levels(NAME) - 1``; without the key the
+level is 0. A task without a curriculum takes its default config and only ``difficulty=0``.
+Every other key overrides that field of the reasoning-gym config after the level is applied;
+values are parsed by the field's default type (bool, int, float, str; lists and tuples as
+``a|b|c``; ``none`` for None). ``seed`` and ``size`` are set by :func:`make_pool`.
+
+Every prompt is the reasoning-gym question followed by one fixed line asking for the final
+answer after ``Answer:``, and ends with a newline, so a model's response starts with
+``Answer: ...``. The reward of a response is the task's own reasoning-gym scorer applied to the
+text after its last ``Answer:``, or math-verify for tasks named ``math`` and for tasks
+reasoning-gym does not know (user pools).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import threading
+from functools import cache
+from importlib.metadata import version
+
+import pyarrow as pa
+
+from cropi import schema
+from cropi.runtime import derive_seed
+
+ANSWER_PREFIX = "Answer:"
+ANSWER_INSTRUCTION = f'Reply with "{ANSWER_PREFIX} <answer>".'
+
+# Disjoint slices of the question space: a question belongs to the split whose bucket range holds
+# sha256(question) mod 100, so train, val and test pools never share a question whatever the seeds.
+SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}
+
+MATH_TASKS = frozenset({"math"})  # always scored by math-verify
+
+# Registered names that cannot be used with a one-line "Answer:" format: `composite` mixes other
+# datasets, the rest have answers spanning several lines (grids, boards, move lists); found by
+# sampling each dataset's default config with reasoning-gym 0.1.25.
+_EXCLUDED = frozenset({
+    "composite", "arc_agi", "binary_matrix", "futoshiki", "kakurasu", "manipulate_matrix",
+    "mini_sudoku", "modulo_grid", "n_queens", "pool_matrix", "rearc", "rotate_matrix", "sudoku",
+    "survo", "tower_of_hanoi",
+})
+
+# Families with short ASCII questions and answers for the embedded tiny default (mean prompt
+# 51-115 characters per spec, answers 1-17). complex_arithmetic keeps to + and - because its
+# other operators print as non-ASCII symbols. The target families are a subset of the training
+# families; the held-out ones are other training families.
+_COMPLEX_ADD_SUB = "complex_arithmetic:difficulty={},operations_weights=0.5|0.5|0|0"
+DEFAULT_TRAIN_SPECS = (
+    *(f"basic_arithmetic:difficulty={d}" for d in (0, 1, 2)),
+    *(f"chain_sum:difficulty={d}" for d in (0, 1, 2)),
+    *(f"count_bits:difficulty={d}" for d in (0, 1, 2)),
+    *(f"spell_backward:difficulty={d}" for d in (0, 1, 2)),
+    *(f"simple_equations:difficulty={d}" for d in (0, 1)),
+    *(_COMPLEX_ADD_SUB.format(d) for d in (0, 1, 2)),
+)
+DEFAULT_TARGET_SPECS = (
+    *(f"chain_sum:difficulty={d}" for d in (0, 1, 2)),
+    *(f"spell_backward:difficulty={d}" for d in (0, 1, 2)),
+)
+DEFAULT_HELDOUT_SPECS = (
+    *(f"count_bits:difficulty={d}" for d in (0, 1, 2)),
+    *(_COMPLEX_ADD_SUB.format(d) for d in (0, 1, 2)),
+)
+
+
+def _registry() -> dict:
+    """reasoning-gym's {name: (dataset class, config class)} (importing it registers them all)."""
+    import reasoning_gym  # noqa: F401
+    from reasoning_gym.factory import DATASETS
+
+    return DATASETS
+
+
+def list_tasks() -> list[str]:
+    """Sorted reasoning-gym dataset names usable in a task spec."""
+    return sorted(set(_registry()) - _EXCLUDED)
+
+
+def num_levels(task: str) -> int:
+    """Number of distinct ``difficulty`` levels of ``task`` (1 when it has no curriculum)."""
+    from reasoning_gym.coaching import RangeAttributeDefinition
+    from reasoning_gym.factory import create_curriculum, has_curriculum
+
+    _check_task(task)
+    if not has_curriculum(task):
+        return 1
+    attrs = create_curriculum(task).attributes.values()
+    # an interval attribute at level N spans levels N..N+1, so its last level adds nothing new
+    return max(len(a.levels) - int(isinstance(a, RangeAttributeDefinition) and a.ensure_interval) for a in attrs)
+
+
+def _check_task(task: str) -> None:
+    if task in _registry() and task not in _EXCLUDED:
+        return
+    import difflib
+
+    if task in _EXCLUDED:
+        raise ValueError(f"task {task!r}: its answers span several lines, which the one-line "
+                         f"{ANSWER_PREFIX!r} format cannot hold")
+    close = difflib.get_close_matches(task, list_tasks(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `cropi tasks list` shows them"
+    raise ValueError(f"unknown task {task!r}{hint}")
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _coerce(key: str, raw: str, default):
+    """Parse the string ``raw`` into the type of ``default``; ValueError naming ``key``."""
+    try:
+        if raw.lower() == "none" and not isinstance(default, str):
+            return None
+        if isinstance(default, bool):
+            flags = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            return flags[raw.lower()]
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, str):
+            return raw
+        if isinstance(default, (list, tuple)):
+            items = [] if raw == "" else raw.split("|")
+            proto = default[0] if len(default) else None
+            return type(default)(_coerce(key, x, proto) for x in items)
+        for parse in (int, float):
+            try:
+                return parse(raw)
+            except ValueError:
+                pass
+        return raw
+    except (KeyError, ValueError):
+        raise ValueError(f"key {key!r}: cannot read {raw!r} as {type(default).__name__}") from None
+
+
+def parse_task_spec(spec: str) -> tuple[str, dict]:
+    """``"NAME:k=v,..."`` -> ``(NAME, {k: typed value})``; ``difficulty`` comes back as an int.
+
+    Raises ValueError naming the task or the key when the task is unknown, a key is not a field
+    of the task's config (or is ``seed``/``size``), a value does not parse, the difficulty is
+    out of range, or the resulting config fails reasoning-gym's validation.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty task spec {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    _check_task(name)
+    fields = {f.name: f for f in dataclasses.fields(_registry()[name][1])}
+    opts: dict = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, raw = (s.strip() for s in item.partition("="))
+        if not eq or not key:
+            raise ValueError(f"task spec {spec!r}: {item!r} is not key=value")
+        if key in opts:
+            raise ValueError(f"task spec {spec!r}: key {key!r} given twice")
+        if key == "difficulty":
+            try:
+                opts[key] = int(raw)
+            except ValueError:
+                raise ValueError(f"task spec {spec!r}: key 'difficulty': {raw!r} is not an integer") from None
+            levels = num_levels(name)
+            if not 0 <= opts[key] < levels:
+                raise ValueError(f"task spec {spec!r}: key 'difficulty': {name} has levels 0..{levels - 1}")
+        elif key in ("seed", "size"):
+            raise ValueError(f"task spec {spec!r}: key {key!r} is set by the pool (use --seed / --n)")
+        elif key not in fields:
+            raise ValueError(f"task spec {spec!r}: unknown key {key!r} (fields of {name}: "
+                             f"{', '.join(sorted(set(fields) - {'seed', 'size'}))})")
+        else:
+            try:
+                opts[key] = _coerce(key, raw, _default(fields[key]))
+            except ValueError as e:
+                raise ValueError(f"task spec {spec!r}: {e}") from None
+    _config(name, opts, seed=0, size=1, spec=spec)
+    return name, opts
+
+
+def _canonical(name: str, opts: dict) -> str:
+    """The spec written back with sorted keys: equal specs give equal seeds and metadata."""
+    def fmt(v):
+        return "|".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return ":".join([name] + ([",".join(f"{k}={fmt(v)}" for k, v in sorted(opts.items()))] if opts else []))
+
+
+def _config(name: str, opts: dict, *, seed: int, size: int, spec: str):
+    """The reasoning-gym config object for a parsed spec (curriculum level, then overrides)."""
+    from reasoning_gym.coaching.base_curriculum import DefaultCurriculumContext, RangeAttributeMode
+    from reasoning_gym.factory import create_curriculum, has_curriculum
+
+    config_cls = _registry()[name][1]
+    overrides = {k: v for k, v in opts.items() if k != "difficulty"}
+    try:
+        if has_curriculum(name):
+            cur = create_curriculum(name)
+            cur.set_global_level(opts.get("difficulty", 0))
+            ctx = DefaultCurriculumContext(mode=RangeAttributeMode.UPPER_BOUND)
+            cfg = cur.generate_configuration({"seed": seed, "size": size}, ctx)
+            cfg = dataclasses.replace(cfg, **overrides)
+        else:
+            cfg = config_cls(**overrides, seed=seed, size=size)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except (AssertionError, TypeError, ValueError) as e:
+        raise ValueError(f"task spec {spec!r}: invalid {name} config: {e}") from None
+    return cfg
+
+
+def _bucket(question: str) -> int:
+    return int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") % 100
+
+
+def _row_id(task: str, question: str) -> str:
+    digest = hashlib.sha256(f"{task}\0{question}".encode()).hexdigest()
+    return f"{task}-{digest[:12]}"
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):  # numpy scalars
+        return x.item()
+    if isinstance(x, (set, frozenset)):
+        return sorted(x, key=repr)
+    return str(x)
+
+
+def _draw(name: str, opts: dict, *, n: int, seed: int, split: str, seen: set, spec: str) -> list[dict]:
+    """Up to ``n`` reasoning-gym entries of ``split``'s bucket range not in ``seen`` (updated).
+
+    Items idx = 0, 1, ... of the dataset seeded with ``seed`` are tried in order; the search
+    stops after 3x the draws ``n`` would need on average (+100), so a small question space gives
+    fewer than ``n`` rows rather than a long search.
+    """
+    lo, hi = SPLITS[split]
+    budget = 3 * math.ceil(n * 100 / (hi - lo)) + 100
+    cfg = _config(name, opts, seed=seed, size=budget, spec=spec)
+    dataset = _registry()[name][0](config=cfg)
+    out = []
+    for idx in range(budget):
+        if len(out) == n:
+            break
+        try:
+            entry = dataset[idx]
+        except Exception as e:  # a generator bug at this config: name it, one line
+            raise ValueError(f"task spec {spec!r}: reasoning-gym failed on item {idx}: {type(e).__name__}: {e}") from None
+        question, answer = entry["question"], str(entry["answer"])
+        if "\n" in answer.strip():
+            raise ValueError(f"task spec {spec!r}: answers span several lines (item {idx})")
+        if question in seen or not lo <= _bucket(question) < hi:
+            continue
+        seen.add(question)
+        out.append({"question": question, "answer": answer, "metadata": entry.get("metadata", {})})
+    return out
+
+
+POOL_SCHEMA = pa.schema(list(schema.PROMPT_SCHEMA) + list(schema.OPTIONAL_PROMPT_FIELDS))
+
+
+def make_pool(specs: list[str], n: int, seed: int, split: str = "train") -> pa.Table:
+    """A prompts table with up to ``n`` rows per spec, in spec order.
+
+    Columns (POOL_SCHEMA): id str (``TASK-<12 hex of sha256(task, question)>``: unique and the
+    same for the same question in any pool), prompt str (:func:`format_prompt`), answer str,
+    task str, difficulty int32, split str, metadata str (JSON of the reasoning-gym entry
+    metadata; :func:`reward` re-scores with it).
+
+    Spec i draws from reasoning-gym with seed ``derive_seed(seed, "tasks", split, canonical
+    spec)``, so the same (specs, n, seed, split) gives an identical table and splits draw
+    different seeds; each split also owns a disjoint slice of the question space (SPLITS).
+    A question already in the pool is skipped and the next item drawn instead; a spec whose
+    question space is too small yields fewer than ``n`` rows (the schema metadata under
+    ``b"cropi.tasks"`` records per-spec counts, seeds and the reasoning-gym version).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
+    if isinstance(specs, str):
+        specs = [specs]
+    if not specs:
+        raise ValueError("no task specs")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    parsed = [(spec, *parse_task_spec(spec)) for spec in specs]
+    canon = [_canonical(name, opts) for _, name, opts in parsed]
+    dup = next((c for i, c in enumerate(canon) if c in canon[:i]), None)
+    if dup is not None:
+        raise ValueError(f"task spec {dup!r} listed twice (raise n instead)")
+    cols = {name: [] for name in POOL_SCHEMA.names}
+    seen: set = set()
+    info = []
+    for (spec, name, opts), c in zip(parsed, canon):
+        spec_seed = derive_seed(seed, "tasks", split, c)
+        entries = _draw(name, opts, n=n, seed=spec_seed, split=split, seen=seen, spec=spec)
+        info.append({"spec": c, "seed": spec_seed, "rows": len(entries)})
+        for e in entries:
+            cols["id"].append(_row_id(name, e["question"]))
+            cols["prompt"].append(format_prompt(e["question"]))
+            cols["answer"].append(e["answer"])
+            cols["task"].append(name)
+            cols["difficulty"].append(opts.get("difficulty", 0))
+            cols["split"].append(split)
+            cols["metadata"].append(json.dumps(e["metadata"], sort_keys=True, ensure_ascii=False, default=_jsonable))
+    meta = {"seed": seed, "split": split, "n": n, "specs": info, "reasoning_gym": version("reasoning-gym")}
+    return pa.table(cols, schema=POOL_SCHEMA.with_metadata({"cropi.tasks": json.dumps(meta, sort_keys=True)}))
+
+
+def format_prompt(question: str) -> str:
+    """``question`` + newline + the fixed answer instruction + newline."""
+    return f"{question.strip()}\n{ANSWER_INSTRUCTION}\n"
+
+
+def extract_answer(response: str) -> str | None:
+    """The text after the last ``Answer:`` up to the end of that line, stripped; None if absent."""
+    if not isinstance(response, str):
+        return None
+    i = response.rfind(ANSWER_PREFIX)
+    if i < 0:
+        return None
+    rest = response[i + len(ANSWER_PREFIX):].splitlines()
+    return rest[0].strip() if rest else ""
+
+
+@cache
+def _scorer(task: str):
+    from reasoning_gym.factory import get_score_answer_fn
+
+    return get_score_answer_fn(task)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def math_reward(pred: str, gold: str) -> float:
+    """1.0 when math-verify finds ``pred`` equivalent to ``gold`` (e.g. "1/2" vs "0.5" or
+    "\\frac{1}{2}"), else 0.0. Falls back to exact string match when either side does not parse.
+    math-verify's signal-based timeouts only work in the main thread; elsewhere they are off."""
+    from math_verify import parse, verify
+
+    t = 5 if _main_thread() else None
+    g = parse(gold, parsing_timeout=t) or parse(f"${gold}$", parsing_timeout=t)
+    p = parse(pred, parsing_timeout=t)
+    if g and p:
+        return float(verify(g, p, timeout_seconds=t))
+    return float(pred.strip() == gold.strip())
+
+
+def _metadata(metadata) -> dict:
+    if isinstance(metadata, dict):
+        return metadata
+    if isinstance(metadata, str) and metadata:
+        try:
+            value = json.loads(metadata)
+        except json.JSONDecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
+def reward(response: str, answer: str, task: str, metadata: str | dict | None = None) -> float:
+    """Reward in [0, 1] of one response: 0.0 without ``Answer:``; else the task's reasoning-gym
+    scorer on the extracted answer (entry rebuilt from ``answer`` and ``metadata``), or
+    :func:`math_reward` for MATH_TASKS and tasks unknown to reasoning-gym. Never raises."""
+    pred = extract_answer(response)
+    if pred is None:
+        return 0.0
+    try:
+        if task in MATH_TASKS or task not in _registry():
+            r = math_reward(pred, str(answer))
+        else:
+            r = float(_scorer(task)(pred, {"answer": str(answer), "metadata": _metadata(metadata)}))
+    except Exception:  # a scorer choking on garbage output scores 0, it never stops a run
+        return 0.0
+    return min(max(r, 0.0), 1.0) if math.isfinite(r) else 0.0
+
+
+def rewards(responses: list[str], rows: list[dict]) -> list[float]:
+    """:func:`reward` for each (response, row); rows carry ``answer``, ``task`` and optionally
+    ``metadata``."""
+    if len(responses) != len(rows):
+        raise ValueError(f"{len(responses)} responses for {len(rows)} rows")
+    return [reward(r, row["answer"], row.get("task", "unknown"), row.get("metadata")) for r, row in zip(responses, rows)]
+
+
+def summarize_pool(table: pa.Table) -> dict:
+    """Counts of a prompts table: rows, per task, per difficulty, per split, per task and
+    difficulty, and mean/max prompt and answer lengths in characters."""
+    def counts(values) -> dict:
+        out: dict = {}
+        for v in values:
+            out[v] = out.get(v, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+
+    names = set(table.column_names)
+    out: dict = {"rows": table.num_rows}
+    tasks = table.column("task").to_pylist() if "task" in names else None
+    diffs = [int(d) for d in table.column("difficulty").to_pylist()] if "difficulty" in names else None
+    if tasks is not None:
+        out["tasks"] = counts(tasks)
+    if diffs is not None:
+        out["difficulties"] = dict(sorted(counts(diffs).items()))
+    if "split" in names:
+        out["splits"] = counts(table.column("split").to_pylist())
+    if tasks is not None and diffs is not None:
+        out["task_difficulty"] = {t: dict(sorted(counts(d for tt, d in zip(tasks, diffs) if tt == t).items()))
+                                  for t in out["tasks"]}
+    for col in ("prompt", "answer"):
+        if col in names and table.num_rows:
+            lens = [len(s) for s in table.column(col).to_pylist()]
+            out[f"{col}_chars_mean"] = round(sum(lens) / len(lens), 1)
+            out[f"{col}_chars_max"] = max(lens)
+    return out

@@ -1,0 +1,1 @@
+"""Compositions of cropi stages: the CROPI loop and the baseline comparison."""

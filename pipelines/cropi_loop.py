@@ -1,0 +1,194 @@
+"""The CROPI loop (DESIGN §1, issue 6): data -> one offline rollout -> per stage: score with θ_s on
+the same offline trajectories, select the top 10 %, train K steps, evaluate.
+
+    ROOT/data/pool.parquet, targets/<name>.parquet (val split), tests/<name>.parquet (test split
+        of the target families), heldout/<name>.parquet (test split of other families)   prompts
+    ROOT/data/pool.traj.parquet, targets/<name>.traj.parquet                    offline rollouts (β = θ_0)
+    ROOT/<method>-s<seed>/curriculum/stage-NNN/                                   the shards
+    ROOT/<method>-s<seed>/run/                                                    cropi.train run dir
+                                          (scores/stage-S/, checkpoints/, metrics.jsonl, eval/, plots/)
+    ROOT/<method>-s<seed>/done.json                                               written when finished
+
+Every step is skipped when its output exists, and a killed run resumes at the stage and step it
+stopped at (the trainer's own --resume). Baselines share the data, the budget (stages × steps ×
+batch × group) and the seeds:
+- ``full``: the whole pool, one stage of stages × steps;
+- ``random``: a fresh random 10 % per stage; ``learnability``: the top 10 % by p(1−p);
+- ``vcrl``: the whole pool with VCRL's variance-based group filtering and replay in the trainer;
+- ``cropi``: popi selection re-scored with the current checkpoint before every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from cropi import curriculum, models, schema, tasks
+from cropi.rollout import rollout
+from cropi.runtime import derive_seed
+from cropi.train.config import TrainConfig
+from cropi.train.loop import RunSpec, train
+
+METHODS = ("full", "random", "learnability", "vcrl", "cropi")
+DEFAULT_SPECS = {
+    "pool": tasks.DEFAULT_TRAIN_SPECS,
+    "targets": tasks.DEFAULT_TARGET_SPECS,
+    "heldout": tasks.DEFAULT_HELDOUT_SPECS,
+}
+
+
+def load_config(path) -> dict:
+    """A run config (configs/*.yaml) as a dict, with ``name`` defaulting to the file's stem."""
+    path = Path(path)
+    if not path.exists():
+        raise schema.InputError(path, None, None, "no such file")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise schema.InputError(path, None, None, "must be a YAML mapping")
+    cfg.setdefault("name", path.stem)
+    for key in ("data", "rollout", "train"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise schema.InputError(path, None, key, "must be a mapping")
+    methods = cfg.get("compare", {}).get("methods", ["cropi"])
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise schema.InputError(path, None, "compare.methods", f"unknown method {bad[0]!r} (known: {', '.join(METHODS)})")
+    TrainConfig.from_dict(cfg.get("train", {})).validate()
+    return cfg
+
+
+def _specs(value, group: str) -> list[str]:
+    if value in (None, "default"):
+        return list(DEFAULT_SPECS[group])
+    return list(value)
+
+
+def prepare_data(cfg: dict, root: Path) -> dict:
+    """Make (or reuse) the prompt sets and the one offline rollout of the pool and target sets.
+    The target sets (val split) give the target gradients; accuracy is measured on the test split
+    of the same families ("tests", the targeted accuracy) and of other families ("heldout").
+    Returns paths: {"pool", "pool_traj", "targets": {name: traj}, "tests": {name: prompts},
+    "heldout": {name: prompts}}."""
+    data, ro = cfg.get("data", {}), cfg.get("rollout", {})
+    seed, model = int(cfg.get("seed", 0)), cfg.get("model", models.TINY)
+    d = root / "data"
+
+    def prompts(path: Path, specs, n, split, s):
+        if not path.exists():
+            table = tasks.make_pool(specs, n, s, split)
+            schema.write_parquet_atomic(table, path, metadata={"kind": "prompts", "specs": specs, "n": n, "seed": s, "split": split})
+        return path
+
+    def traj(prompts_path: Path, s: int) -> Path:
+        out = prompts_path.with_name(prompts_path.name.replace(".parquet", ".traj.parquet"))
+        if not out.exists():
+            rollout(prompts_path, out, model=model, n=int(ro.get("n", 8)), temperature=float(ro.get("temperature", 1.0)),
+                    max_new_tokens=int(ro.get("max_new_tokens", 16)), seed=s, resume=True, device=cfg.get("device", "cpu"))
+        return out
+
+    pool = prompts(d / "pool.parquet", _specs(data.get("pool"), "pool"), int(data.get("pool_per_spec", 60)), "train", seed)
+    out = {"pool": pool, "pool_traj": traj(pool, derive_seed(seed, "rollout", "pool")), "targets": {}, "tests": {}, "heldout": {}}
+    per = {"targets": int(data.get("target_per_spec", 30)), "heldout": int(data.get("heldout_per_spec", 30))}
+    for name, specs in (data.get("targets") or {"target": "default"}).items():
+        specs = _specs(specs, "targets")
+        p = prompts(d / "targets" / f"{name}.parquet", specs, per["targets"], "val", derive_seed(seed, "targets", name))
+        out["targets"][name] = traj(p, derive_seed(seed, "rollout", "targets", name))
+        out["tests"][f"{name}_test"] = prompts(d / "tests" / f"{name}_test.parquet", specs, per["targets"], "test",
+                                               derive_seed(seed, "tests", name))
+    for name, specs in (data.get("heldout") or {"heldout": "default"}).items():
+        out["heldout"][name] = prompts(d / "heldout" / f"{name}.parquet", _specs(specs, "heldout"), per["heldout"], "test",
+                                       derive_seed(seed, "heldout", name))
+    return out
+
+
+def _spec(cfg: dict, method: str, seed: int, data: dict, cur: Path) -> RunSpec:
+    """The trainer's RunSpec for one method: same budget for all, shapes per method."""
+    tc = TrainConfig.from_dict({**cfg.get("train", {}), "seed": seed})
+    stages, steps = tc.stages, tc.steps_per_stage
+    if method in ("full", "vcrl"):  # one stage holding the whole pool, same number of steps
+        tc = dataclasses.replace(tc, stages=1, steps_per_stage=stages * steps, vcrl=(method == "vcrl"))
+    sc = cfg.get("score", {})
+    return RunSpec(
+        curriculum=str(cur),
+        model=cfg.get("model", models.TINY),
+        targets=[str(p) for p in data["targets"].values()],
+        heldout=[str(p) for p in [*data["tests"].values(), *data["heldout"].values()]],
+        rescore=(method == "cropi"),
+        trajectories=str(data["pool_traj"]),
+        selector="popi",
+        ratio=float(cfg.get("select", {}).get("ratio", 0.1)),
+        projector=sc.get("projector", "sjlt"),
+        k=int(sc.get("k", 8192)),
+        train=tc,
+    )
+
+
+def make_curriculum(method: str, cfg: dict, seed: int, data: dict, cur: Path, spec: RunSpec) -> None:
+    """The shards a method trains on before training starts (cropi makes its own via --rescore:
+    stage 0 here, scored with θ_0, later stages by the trainer)."""
+    ratio = spec.ratio
+    have = curriculum.stage_dirs(cur)
+    if method in ("full", "vcrl"):
+        if not have:
+            curriculum.make_stage(trajectories=data["pool_traj"], selector="full", out=cur, seed=seed)
+        return
+    if method == "cropi":
+        if not have:
+            from cropi.score import ScoreConfig, score
+
+            sdir = cur.parent / "run" / "scores" / "stage-0"
+            if not (sdir / "meta.json").exists():
+                sc = cfg.get("score", {})
+                score(data["pool_traj"], list(data["targets"].values()), sdir, model=spec.model, resume=sdir.exists(),
+                      cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=seed, combine=sc.get("combine", "mean")),
+                      device=cfg.get("device", "cpu"))
+            curriculum.make_stage(scores_dir=sdir, selector="popi", ratio=ratio, out=cur, seed=seed)
+        return
+    for s in range(len(have), spec.train.stages):
+        curriculum.make_stage(trajectories=data["pool_traj"], selector=method, ratio=ratio, out=cur,
+                              seed=derive_seed(seed, method, s))
+
+
+def run_method(cfg: dict, method: str, seed: int, data: dict, root: Path) -> Path:
+    """Train one method with one seed (skipped when done; resumed when interrupted)."""
+    base = root / f"{method}-s{seed}"
+    done = base / "done.json"
+    if done.exists():
+        return base
+    cur, run = base / "curriculum", base / "run"
+    spec = _spec(cfg, method, seed, data, cur)
+    t0 = time.time()
+    make_curriculum(method, cfg, seed, data, cur, spec)
+    from cropi.train import checkpoint
+
+    resume = checkpoint.latest(run) is not None
+    if not resume and run.exists():  # a run killed before its first checkpoint: start over
+        import shutil
+
+        shutil.rmtree(run)
+    result = train(run, spec, resume=resume, device=cfg.get("device", "cpu"))
+    schema.write_json_atomic({"method": method, "seed": seed, "seconds": round(time.time() - t0, 1), **result}, done)
+    return base
+
+
+def run(config, root=None, methods=None, seeds=None) -> dict:
+    """`cropi run CONFIG`: prepare data once, then every method × seed. Returns {method: [dirs]}."""
+    cfg = load_config(config)
+    root = Path(root or Path("runs") / cfg["name"])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    models.resolve(cfg.get("model", models.TINY))  # build + warm the tiny default if needed
+    data = prepare_data(cfg, root)
+    comp = cfg.get("compare", {})
+    methods = methods or comp.get("methods", ["cropi"])
+    seeds = seeds if seeds is not None else comp.get("seeds", [cfg.get("seed", 0)])
+    out: dict = {}
+    for seed in seeds:
+        for m in methods:
+            out.setdefault(m, []).append(str(run_method(cfg, m, int(seed), data, root)))
+    (root / "runs.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
