@@ -7,7 +7,7 @@ prompts and the mean exact gradient of the ok target prompts (cropi.score.exact_
 --check-rank reference); exact score = cos(g_x, ḡ_V). Projected score = cos(P g_x, P ḡ_V) with P
 applied to those exact gradients: every projector is linear and block-additive, so this is the
 score `cropi score` writes (up to float32 summation order). kron features are vec(P_out G P_inᵀ)
-per covered layer, computed from the exact gradients through the projector's own maps (equal to
+per covered weight, computed from the exact gradients through the projector's own maps (equal to
 the batched-hook path, cropi.kron.prompt_features: checked on one batch below and in
 tests/test_kron.py); kron is scored against exact scores over the parameters it covers (what
 `--check-rank` compares with) and, separately, against the all-parameter exact scores.
@@ -25,15 +25,15 @@ from _common import bench_data, emit, machine, setup, timed
 def kron_from_grads(proj, flat: torch.Tensor, offsets: dict) -> torch.Tensor:
     """[R, proj.k] kron features of flat exact gradients [R, d] (columns laid out as ``offsets``)."""
     out = []
-    for layer in proj.layers:
-        o = offsets[layer.weight]
-        G = flat[:, o : o + layer.out_features * layer.in_features].reshape(-1, layer.out_features, layer.in_features)
-        G = G if layer.p_in is None else G @ layer.p_in
-        G = G if layer.p_out is None else layer.p_out.T @ G
+    for blk in proj.blocks:
+        o = offsets[blk.weight]
+        G = flat[:, o : o + blk.rows * blk.cols].reshape(-1, blk.rows, blk.cols)
+        G = G if blk.p_cols is None else G @ blk.p_cols
+        G = G if blk.p_rows is None else blk.p_rows.T @ G
         out.append(G.flatten(1))
-        if layer.bias:
-            b = flat[:, offsets[layer.bias] : offsets[layer.bias] + layer.out_features]
-            out.append(b if layer.p_out is None else b @ layer.p_out)
+        if blk.bias:
+            b = flat[:, offsets[blk.bias] : offsets[blk.bias] + blk.rows]
+            out.append(b if blk.p_rows is None else b @ blk.p_rows)
     return torch.cat(out, 1)
 
 
@@ -77,7 +77,8 @@ def main(argv=None):
 
     def fill():
         for s in range(0, len(rows), cfg.batch):
-            flat[s : s + cfg.batch] = torch.from_numpy(exact_gradients(policy, prep, rows[s : s + cfg.batch], names, cfg, pool_std))
+            chunk = rows[s : s + cfg.batch]
+            flat[s : s + len(chunk)] = torch.from_numpy(exact_gradients(policy, prep, chunk, names, cfg, pool_std))
         tsum = torch.zeros(d, dtype=torch.float64)
         for s in range(0, len(t_ok), cfg.batch):
             tsum += torch.from_numpy(exact_gradients(policy, tprep, t_ok[s : s + cfg.batch], names, cfg, pool_std)).double().sum(0)
@@ -131,7 +132,7 @@ def main(argv=None):
             return agree(f, exact_cov), agree(f, exact), proj.k
 
         res, cpu = run_seeds(kron_run, args.seeds)
-        report("kron", k, [r[0] for r in res], cpu, k_actual=res[0][2], vs="exact over covered Linear weights")
+        report("kron", k, [r[0] for r in res], cpu, k_actual=res[0][2], vs="exact over the covered weights")
         report("kron", k, [r[1] for r in res], cpu, k_actual=res[0][2], vs="exact over all parameters")
 
     # batched-hook kron == kron from exact gradients, on one batch

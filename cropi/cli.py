@@ -132,24 +132,25 @@ def warmup(out, steps, seed, force):
 @main.command()
 @click.option("--prompts", type=click.Path(path_type=Path), required=True, help="Prompts file (any supported format).")
 @click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
-@click.option("--n", type=click.IntRange(min=1), default=8, show_default=True, help="Responses per prompt (G).")
+@click.option("--n", "--num-responses", "n", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Responses per prompt (G). Under torchrun use --num-responses (torchrun eats --n).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts per resumable chunk.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("--resume", is_flag=True, help="Keep finished chunks of an interrupted run.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, limit, device, resume, out):
     """Sample G responses per prompt, reward them, store tokens and behaviour log-probs."""
     from cropi import rollout as R
-    from cropi.distributed import barrier, dist_context
+    from cropi.distributed import barrier, default_device, dist_context
 
     with dist_context() as (rank, world):
         R.rollout(prompts, out, model=model, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                  seed=seed, chunk=chunk, limit=limit, device=device, resume=resume, rank=rank, world=world)
+                  seed=seed, chunk=chunk, limit=limit, device=default_device(device), resume=resume, rank=rank, world=world)
         if world > 1:
             barrier()
             if rank == 0:
@@ -170,7 +171,8 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak", "kron"]), default="sjlt", show_default=True)
 @click.option("--k", type=click.IntRange(min=1), default=8192, show_default=True, help="Projected dimension.")
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True, help="mask-dense: kept ratio ρ.")
-@click.option("--s", "sjlt_s", type=click.IntRange(min=1), default=1, show_default=True, help="sjlt: nonzeros per coordinate.")
+@click.option("--s", "--sjlt-s", "sjlt_s", type=click.IntRange(min=1), default=1, show_default=True,
+              help="sjlt: nonzeros per coordinate (--sjlt-s under torchrun).")
 @click.option("--dist", type=click.Choice(["rademacher", "gaussian"]), default="rademacher", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Projection and sub-sampling seed.")
 @click.option("--params", default="all", show_default=True, help="all | last:N | regex on parameter names.")

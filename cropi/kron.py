@@ -1,29 +1,33 @@
-"""The `kron` projector: per-prompt projected gradients of every nn.Linear from one batched backward
-(LoGra-style; beyond the paper, DESIGN §5).
+"""The `kron` projector: per-prompt projected gradients of every weight matrix used by nn.Linear /
+nn.Embedding modules, from one batched backward (LoGra-style; beyond the paper, DESIGN §5).
 
-For a linear layer y = W a + b with W [out, in], the gradient of a prompt's objective J_x is
+Every covered weight W [rows, cols] has a per-prompt gradient that is a sum of outer products over
+the tokens t of the prompt's G sequences (prompt tokens too: they feed later tokens):
 
-    G_x = Σ_t δ_t a_tᵀ         δ_t = ∂J_x/∂y_t [out], a_t = layer input [in], t over every token
-                                of the prompt's G sequences (prompt tokens too: they feed later tokens)
+    nn.Linear     y = W a + b:  G_x = Σ_t δ_t a_tᵀ          δ_t = ∂J_x/∂y_t [rows = out], a_t [cols = in]
+    nn.Embedding  y = W[i]:     G_x = Σ_t e_{i_t} δ_tᵀ      e = one-hot token [rows = vocab], δ_t [cols]
 
-With two seeded maps P_in [k_in, in], P_out [k_out, out] (hash-seeded ``dense`` projectors of
-:mod:`cropi.projection`, scaled so E[PᵀP] = I) the layer's feature is
+(a weight tied between an embedding and an lm_head gets both sums). With two seeded maps
+P_r [k_r, rows], P_c [k_c, cols] (hash-seeded ``dense`` projectors of :mod:`cropi.projection`,
+scaled so E[PᵀP] = I) the weight's feature is
 
-    vec(P_out G_x P_inᵀ) = vec(Σ_t (P_out δ_t)(P_in a_t)ᵀ)        [k_out · k_in], row-major
+    vec(P_r G_x P_cᵀ) = vec(Σ_t (P_r left_t)(P_c right_t)ᵀ)       [k_r · k_c], row-major
 
-computed from projected per-token vectors, so G_x is never formed. P_in and P_out are independent,
-so E[<feature_x, feature_y>] = <G_x, G_y>: kron estimates the same inner products as the other
-projectors, restricted to the parameters it covers. A bias b gets the block P_out Σ_t δ_t [k_out].
+computed from projected per-token vectors (P_r e_i is column i of P_r), so G_x is never formed.
+P_r and P_c are independent, so E[<feature_x, feature_y>] = <G_x, G_y>: kron estimates the same
+inner products as the other projectors, restricted to the parameters it covers. A Linear bias b
+gets the block P_r Σ_t δ_t [k_r]; tokens equal to an embedding's padding_idx add nothing (their
+row gets no gradient).
 
-Coverage: the weight (and bias) of every nn.Linear among the selected parameters whose weight
-belongs to no other module. Embeddings, norms, and a tied lm_head (its weight is the embedding's)
-are not covered; use sjlt for those. ``cropi score --projector kron`` scores (and --check-rank
-compares against) exactly the covered parameters, listed in the store's meta.
+Coverage: every selected weight whose users are all nn.Linear / nn.Embedding modules (plain
+embeddings: no max_norm, no scale_grad_by_freq), plus the selected biases of those Linear layers.
+Norm scales and anything else are not covered (use sjlt for those). ``cropi score --projector kron``
+scores (and --check-rank compares against) exactly the covered parameters, listed in the meta.
 
-Dimensions: the requested k is split evenly over the L covered layers, b = k // L each, with
-k_in = min(in, ⌊√b⌋) and k_out = min(out, b // k_in) (then k_in = min(in, b // k_out) when k_out hit
-out). A side whose budget reaches its dimension is not projected at all (exact). The feature
-dimension is Σ_l k_out·k_in (+ k_out per covered bias) ≤ k; ``KronProjector.k`` holds it.
+Dimensions: the requested k is split evenly over the L covered weights, b = k // L each, with
+k_c = min(cols, ⌊√b⌋) and k_r = min(rows, b // k_c) (then k_c = min(cols, b // k_r) when k_r hit
+rows). A side whose budget reaches its dimension is not projected at all (exact). The feature
+dimension is Σ k_r·k_c (+ k_r per covered bias) ≤ k; ``KronProjector.k`` holds it.
 
 ``grad_norm`` reported for kron is ‖feature‖₂ (its square is an unbiased estimate of ‖g_x‖²):
 the exact norm would need every G_x or an O(tokens²) Gram product.
@@ -32,7 +36,6 @@ the exact norm would need every G_x or an O(tokens²) Gram product.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -41,48 +44,64 @@ from cropi.policy_grad import GradConfig, _unit_objective, build_units, fill_on_
 from cropi.projection import HASH_VERSION, make_projector
 from cropi.runtime import derive_seed
 
-_MAP_ROWS = 256  # input coordinates turned into map rows per Projector.project call
+_MAP_ROWS = 256  # coordinates turned into map rows per Projector.project call
 
 
 @dataclass
-class KronLayer:
-    """One covered nn.Linear: names, shapes, and its two maps stored transposed (None = exact side)."""
+class KronBlock:
+    """One covered weight [rows, cols], the modules using it, and its maps stored transposed
+    (None = that side exact)."""
 
-    module: str
     weight: str
-    bias: str | None
-    out_features: int
-    in_features: int
-    k_out: int
-    k_in: int
-    p_out: torch.Tensor | None  # [out, k_out] float32 = P_outᵀ
-    p_in: torch.Tensor | None  # [in, k_in] float32 = P_inᵀ
+    bias: str | None  # a covered bias of its Linear user (projected with p_rows)
+    users: list[tuple[str, str, int | None]]  # (module name, "linear" | "embedding", padding_idx)
+    rows: int
+    cols: int
+    k_rows: int
+    k_cols: int
+    p_rows: torch.Tensor | None  # [rows, k_rows] float32 = P_rᵀ
+    p_cols: torch.Tensor | None  # [cols, k_cols] float32 = P_cᵀ
 
     @property
     def dim(self) -> int:
-        return self.k_out * self.k_in + (self.k_out if self.bias else 0)
+        return self.k_rows * self.k_cols + (self.k_rows if self.bias else 0)
 
 
-def linear_layers(model: torch.nn.Module, names: list[str]) -> list[tuple[str, torch.nn.Linear]]:
-    """(module name, module) of every nn.Linear whose weight is in ``names`` and owned by it alone."""
-    owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+def _plain_embedding(m) -> bool:
+    return isinstance(m, torch.nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
+
+
+def covered_weights(model: torch.nn.Module, names: list[str]) -> list[tuple[str, list, str | None]]:
+    """(weight name, [(module name, module)] users, covered bias name or None) for every weight in
+    ``names`` whose users are all nn.Linear or plain nn.Embedding modules, in ``names`` order."""
+    users: dict[int, list] = {}
+    for mname, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            users.setdefault(id(p), []).append((mname, m))
+    params = dict(model.named_parameters())
     wanted = set(names)
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and f"{n}.weight" in wanted and owners[id(m.weight)] == 1]
+    out = []
+    for n in names:
+        us = users.get(id(params[n]), [])
+        if not us or not all((isinstance(m, torch.nn.Linear) or _plain_embedding(m)) and m.weight is params[n] for _, m in us):
+            continue
+        bias = [f"{mn}.bias" for mn, m in us if isinstance(m, torch.nn.Linear) and m.bias is not None and f"{mn}.bias" in wanted]
+        out.append((n, us, bias[0] if len(us) == 1 and bias else None))
+    return out
 
 
 def layer_dims(shapes: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
-    """(k_out, k_in) per layer for shapes [(out, in)] and a total budget k (module docstring rule)."""
+    """(k_rows, k_cols) per weight for shapes [(rows, cols)] and a total budget k (module docstring rule)."""
     if k < len(shapes):
-        raise ValueError(f"kron needs k >= the number of covered linear layers ({len(shapes)}), got k={k}")
+        raise ValueError(f"kron needs k >= the number of covered weights ({len(shapes)}), got k={k}")
     b = k // len(shapes)
     dims = []
-    for out, inp in shapes:
-        k_in = min(inp, math.isqrt(b))
-        k_out = min(out, b // k_in)
-        if k_out == out:
-            k_in = min(inp, b // k_out)
-        dims.append((k_out, k_in))
+    for rows, cols in shapes:
+        k_c = min(cols, math.isqrt(b))
+        k_r = min(rows, b // k_c)
+        if k_r == rows:
+            k_c = min(cols, b // k_r)
+        dims.append((k_r, k_c))
     return dims
 
 
@@ -96,7 +115,7 @@ def _map(dim: int, k: int, seed: int, dist: str, device) -> torch.Tensor | None:
 
 
 class KronProjector:
-    """Seeded per-layer maps for the covered linear layers of ``model`` (see the module docstring).
+    """Seeded per-weight maps for the covered weights of ``model`` (see the module docstring).
 
     names: the selected parameter names (``select_params``); ``self.names`` keeps the covered ones.
     k: requested feature dimension (``self.k`` ≤ k is the actual one). dist: rademacher | gaussian
@@ -108,46 +127,53 @@ class KronProjector:
                  dist: str = "rademacher", device="cpu"):
         if not (isinstance(seed, int) and 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        mods = linear_layers(model, names)
-        if not mods:
-            raise ValueError("kron: no nn.Linear weight among the selected parameters (embeddings and norms are not covered; use sjlt)")
-        wanted = set(names)
+        cov = covered_weights(model, names)
+        if not cov:
+            raise ValueError("kron: no nn.Linear / nn.Embedding weight among the selected parameters (use sjlt)")
+        params = dict(model.named_parameters())
         self.seed, self.dist, self.requested_k = seed, dist, k
         self.device = torch.device(device)
-        self.layers: list[KronLayer] = []
-        for (name, m), (k_out, k_in) in zip(mods, layer_dims([(m.out_features, m.in_features) for _, m in mods], k)):
-            bias = f"{name}.bias" if m.bias is not None and f"{name}.bias" in wanted else None
-            self.layers.append(KronLayer(
-                name, f"{name}.weight", bias, m.out_features, m.in_features, k_out, k_in,
-                _map(m.out_features, k_out, derive_seed(seed, "kron", name, "out"), dist, self.device),
-                _map(m.in_features, k_in, derive_seed(seed, "kron", name, "in"), dist, self.device)))
-        covered = {n for layer in self.layers for n in (layer.weight, layer.bias) if n}
+        self.blocks: list[KronBlock] = []
+        for (w, us, bias), (k_r, k_c) in zip(cov, layer_dims([tuple(params[w].shape) for w, _, _ in cov], k)):
+            rows, cols = params[w].shape
+            kinds = [(mn, "linear" if isinstance(m, torch.nn.Linear) else "embedding",
+                      getattr(m, "padding_idx", None)) for mn, m in us]
+            self.blocks.append(KronBlock(w, bias, kinds, rows, cols, k_r, k_c,
+                                         _map(rows, k_r, derive_seed(seed, "kron", w, "rows"), dist, self.device),
+                                         _map(cols, k_c, derive_seed(seed, "kron", w, "cols"), dist, self.device)))
+        covered = {n for b in self.blocks for n in (b.weight, b.bias) if n}
         self.names = [n for n in names if n in covered]  # the parameters kron's features stand for
-        self.d = sum(layer.out_features * layer.in_features + (layer.out_features if layer.bias else 0)
-                     for layer in self.layers)
-        self.k = sum(layer.dim for layer in self.layers)
+        self.d = sum(params[n].numel() for n in self.names)
+        self.k = sum(b.dim for b in self.blocks)
 
     def meta(self) -> dict:
         """JSON-able description of everything that defines the maps (same keys as Projector.meta)."""
         return {
             "kind": "kron", "d": self.d, "k": self.k, "seed": self.seed, "density": None, "s": None,
             "dist": self.dist, "hash": HASH_VERSION, "impl": None, "requested_k": self.requested_k,
-            "layers": [[layer.module, layer.k_out, layer.k_in] for layer in self.layers],
+            "blocks": [[b.weight, b.k_rows, b.k_cols] for b in self.blocks],
         }
 
-    def layer_features(self, layer: KronLayer, a: torch.Tensor, delta: torch.Tensor, owner: torch.Tensor,
-                       n_prompts: int) -> torch.Tensor:
-        """Σ over each prompt's tokens of (P_out δ)(P_in a)ᵀ, flattened, then the bias block.
+    def block_features(self, block: KronBlock, captured: dict, owner: torch.Tensor, n_prompts: int) -> torch.Tensor:
+        """Σ over each prompt's tokens of (P_r left)(P_c right)ᵀ over every user, flattened, then the bias block.
 
-        a: [U, N, in], delta: [U, N, out] (U units, N tokens each), owner: [U] long prompt index.
-        Returns [n_prompts, layer.dim] float32."""
-        a, delta = a.float(), delta.float()
-        pa = a if layer.p_in is None else a @ layer.p_in  # [U, N, k_in]
-        pd = delta if layer.p_out is None else delta @ layer.p_out  # [U, N, k_out]
-        blocks = [torch.bmm(pd.transpose(1, 2), pa).flatten(1)]  # [U, k_out * k_in]
-        if layer.bias:
-            blocks.append(pd.sum(1))
-        per_unit = torch.cat(blocks, 1)
+        captured: {module name: (input, δ)} with input [U, N, cols] (linear) or token ids [U, N] (embedding)
+        and δ [U, N, out] for U units of N tokens; owner: [U] long prompt index. Returns [n_prompts, dim]."""
+        total, bias = 0.0, 0.0
+        for name, kind, pad in block.users:
+            x, delta = captured[name]
+            if kind == "linear":
+                left = delta.float() if block.p_rows is None else delta.float() @ block.p_rows  # [U, N, k_r]
+                right = x.float() if block.p_cols is None else x.float() @ block.p_cols  # [U, N, k_c]
+                bias = bias + left.sum(1)
+            else:
+                left = (torch.nn.functional.one_hot(x, block.rows).float() if block.p_rows is None
+                        else block.p_rows[x])  # [U, N, k_r]: column i_t of P_r
+                if pad is not None:
+                    left = left * (x != pad)[..., None]
+                right = delta.float() if block.p_cols is None else delta.float() @ block.p_cols
+            total = total + torch.bmm(left.transpose(1, 2), right).flatten(1)  # [U, k_r * k_c]
+        per_unit = torch.cat([total, bias], 1) if block.bias else total
         return torch.zeros(n_prompts, per_unit.shape[1], device=per_unit.device).index_add_(0, owner, per_unit)
 
 
@@ -166,34 +192,35 @@ def prompt_features(policy, prompt_ids, responses, weights, behavior_logp, cfg: 
     flat = [x.to(dev).reshape(U * M, T) for x in (units.input_ids, units.attention_mask, units.response_mask,
                                                   units.weight, units.behavior_logp)]
     modules = dict(model.named_modules())
-    acts, outs, handles = {}, {}, []
+    names = list(dict.fromkeys(name for b in projector.blocks for name, _, _ in b.users))
+    inputs, outs, handles = {}, {}, []
 
     def hook(name):
         def fn(mod, inp, out):
-            if name in acts:
+            if name in inputs:
                 raise RuntimeError(f"kron: {name} is called more than once per forward; it cannot be covered")
-            acts[name], outs[name] = inp[0].detach(), out
+            inputs[name], outs[name] = inp[0].detach(), out
         return fn
 
     was_training = model.training
     model.eval()
     try:
-        for layer in projector.layers:
-            handles.append(modules[layer.module].register_forward_hook(hook(layer.module)))
+        for name in names:
+            handles.append(modules[name].register_forward_hook(hook(name)))
         with torch.enable_grad():
             J = _unit_objective(model, dict(model.named_parameters()), dict(model.named_buffers()), *flat,
                                 cfg.temperature, cfg.ratio_clip)
-            deltas = torch.autograd.grad(J, [outs[layer.module] for layer in projector.layers], allow_unused=True)
+            deltas = torch.autograd.grad(J, [outs[n] for n in names], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    captured = {}
+    for name, delta in zip(names, deltas):
+        x, out = inputs.pop(name), outs.pop(name)
+        delta = torch.zeros_like(out) if delta is None else delta
+        captured[name] = (x.reshape(U, M * T, *x.shape[2:]), delta.reshape(U, M * T, -1))
     P = len(prompt_ids)
     owner = units.owner.to(dev)
-    parts = []
-    for layer, delta in zip(projector.layers, deltas):
-        a = acts.pop(layer.module)
-        delta = torch.zeros_like(outs.pop(layer.module)) if delta is None else delta
-        parts.append(projector.layer_features(layer, a.reshape(U, M * T, -1), delta.reshape(U, M * T, -1), owner, P))
-    feats = torch.cat(parts, 1)
+    feats = torch.cat([projector.block_features(b, captured, owner, P) for b in projector.blocks], 1)
     return feats.cpu(), feats.double().norm(dim=1).cpu()

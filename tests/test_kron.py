@@ -59,37 +59,43 @@ def kron_features(policy, batch, proj, micro_batch=64):
 
 
 def test_layer_dims_rule():
-    # b = 1000 // 2 = 500: k_in = isqrt(500) = 22, k_out = 500 // 22 = 22
+    # b = 1000 // 2 = 500: k_cols = isqrt(500) = 22, k_rows = 500 // 22 = 22
     assert layer_dims([(64, 32), (64, 32)], 1000) == [(22, 22), (22, 22)]
-    # b = 100: k_in = min(4, 10) = 4, k_out = min(50, 25) = 25
+    # b = 100: k_cols = min(4, 10) = 4, k_rows = min(50, 25) = 25
     assert layer_dims([(50, 4)], 100) == [(25, 4)]
-    # b = 100: k_in = 10, k_out = min(3, 10) = 3 hits out, so k_in = min(64, 100 // 3) = 33
+    # b = 100: k_cols = 10, k_rows = min(3, 10) = 3 hits rows, so k_cols = min(64, 100 // 3) = 33
     assert layer_dims([(3, 64)], 100) == [(3, 33)]
-    assert layer_dims([(8, 8)], 10**6) == [(8, 8)]  # budget covers the layer: both sides exact
+    assert layer_dims([(8, 8)], 10**6) == [(8, 8)]  # budget covers the weight: both sides exact
     with pytest.raises(ValueError, match="k >= the number"):
         layer_dims([(8, 8)] * 3, 2)
 
 
-def test_coverage_is_untied_linear_weights(policy):
-    names = select_params(policy.model)
-    proj = KronProjector(policy.model, names, 512)
-    assert proj.names and all(n.endswith("_proj.weight") for n in proj.names)
-    assert len(proj.layers) == 2 * 7  # q k v o gate up down per block; the tied lm_head is left out
-    assert not any("embed" in n or "norm" in n for n in proj.names)
-    assert proj.k == sum(ko * ki for _, ko, ki in proj.meta()["layers"]) <= 512
-    assert proj.d == sum(p.numel() for n, p in policy.model.named_parameters() if n in proj.names)
-    sub = KronProjector(policy.model, select_params(policy.model, r"mlp\."), 512)
-    assert [layer.module.split(".")[-1] for layer in sub.layers] == ["gate_proj", "up_proj", "down_proj"] * 2
+def test_coverage_linear_and_tied_embedding_weights(policy):
+    model = policy.model
+    names = select_params(model)
+    proj = KronProjector(model, names, 512)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: one block, two users
+    emb = proj.blocks[0]
+    assert emb.weight == "model.embed_tokens.weight" and {u[1] for u in emb.users} == {"embedding", "linear"}
+    assert len(proj.blocks) == 1 + 2 * 7  # embedding + q k v o gate up down per block
+    assert proj.names == [n for n in names if "norm" not in n]  # RMSNorm scales are not covered
+    assert proj.k == sum(kr * kc for _, kr, kc in proj.meta()["blocks"]) <= 512
+    assert proj.d == sum(p.numel() for n, p in model.named_parameters() if n in proj.names)
+    sub = KronProjector(model, select_params(model, r"mlp\."), 512)
+    assert [b.weight.split(".")[-2] for b in sub.blocks] == ["gate_proj", "up_proj", "down_proj"] * 2
     with pytest.raises(ValueError, match="no nn.Linear"):
-        KronProjector(policy.model, select_params(policy.model, r"norm"), 512)
+        KronProjector(model, select_params(model, r"norm"), 512)
 
 
-def test_exact_when_the_budget_covers_every_layer(policy):
-    """k ≥ Σ in·out: no side is projected and the features are the per-prompt Linear gradients."""
+def test_exact_when_the_budget_covers_every_weight(policy):
+    """k ≥ Σ rows·cols: no side is projected and the features are the per-prompt gradients of the
+    covered weights (the tied embedding / lm_head included, padding rows excluded)."""
     names = select_params(policy.model)
     proj = KronProjector(policy.model, names, 10**9)
-    assert all(layer.p_in is None and layer.p_out is None for layer in proj.layers) and proj.k == proj.d
+    assert all(b.p_rows is None and b.p_cols is None for b in proj.blocks) and proj.k == proj.d
     batch = make_prompts(3, 4, seed=0)
+    batch[0][1][0][:0] = [5, 0, 7]  # an attended token equal to padding_idx: its embedding row gets no gradient
+    batch[0][3][0][:0] = [-1.0, -2.0, -1.5]
     f, norms = kron_features(policy, batch, proj, micro_batch=3)
     for j, b in enumerate(batch):
         ref = reference_grads(policy, *b)
@@ -98,8 +104,8 @@ def test_exact_when_the_budget_covers_every_layer(policy):
         assert norms[j] == pytest.approx(float(flat.norm()), rel=1e-5)
 
 
-def test_features_are_projected_layer_gradients(policy):
-    """Each block equals P_out G P_inᵀ with G from autograd and P from cropi.projection's dense maps."""
+def test_features_are_projected_weight_gradients(policy):
+    """Each block equals P_r G P_cᵀ with G from autograd and P from cropi.projection's dense maps."""
     names = select_params(policy.model)
     seed = 7
     proj = KronProjector(policy.model, names, 700, seed, dist="gaussian")
@@ -108,27 +114,27 @@ def test_features_are_projected_layer_gradients(policy):
     for j, b in enumerate(batch):
         ref = reference_grads(policy, *b)
         off = 0
-        for layer in proj.layers:
-            G = ref[layer.weight]  # [out, in]
-            p_in = make_projector("dense", layer.in_features, layer.k_in, derive_seed(seed, "kron", layer.module, "in"),
-                                  dist="gaussian")
-            p_out = make_projector("dense", layer.out_features, layer.k_out,
-                                   derive_seed(seed, "kron", layer.module, "out"), dist="gaussian")
-            expect = p_out.project(p_in.project(G).T).T  # [k_out, k_in]
-            got = f[j, off : off + layer.k_out * layer.k_in].reshape(layer.k_out, layer.k_in)
-            assert float((got - expect).norm() / expect.norm()) < 1e-4, layer.module
-            off += layer.dim
+        for blk in proj.blocks:
+            G = ref[blk.weight]  # [rows, cols]
+            p_c = make_projector("dense", blk.cols, blk.k_cols, derive_seed(seed, "kron", blk.weight, "cols"),
+                                 dist="gaussian")
+            p_r = make_projector("dense", blk.rows, blk.k_rows, derive_seed(seed, "kron", blk.weight, "rows"),
+                                 dist="gaussian")
+            expect = p_r.project(p_c.project(G).T).T  # [k_rows, k_cols]
+            got = f[j, off : off + blk.k_rows * blk.k_cols].reshape(blk.k_rows, blk.k_cols)
+            assert float((got - expect).norm() / expect.norm()) < 1e-4, blk.weight
+            off += blk.dim
         assert off == proj.k
 
 
 def from_grads(proj, grads):
-    """kron features from full per-layer gradients through the projector's own maps: vec(P_out G P_inᵀ).
-    (Equal to prompt_features: test_features_are_projected_layer_gradients.)"""
+    """kron features from full per-weight gradients through the projector's own maps: vec(P_r G P_cᵀ).
+    (Equal to prompt_features: test_features_are_projected_weight_gradients.)"""
     blocks = []
-    for layer in proj.layers:
-        G = grads[layer.weight].double()
-        G = G if layer.p_in is None else G @ layer.p_in.double()
-        G = G if layer.p_out is None else layer.p_out.double().T @ G
+    for blk in proj.blocks:
+        G = grads[blk.weight].double()
+        G = G if blk.p_cols is None else G @ blk.p_cols.double()
+        G = G if blk.p_rows is None else blk.p_rows.double().T @ G
         blocks.append(G.flatten())
     return torch.cat(blocks)
 
