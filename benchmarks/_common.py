@@ -67,7 +67,7 @@ def timed(fn, reps: int = 1) -> tuple[float, float]:
     return (time.perf_counter() - w0) / reps, (time.process_time() - c0) / reps
 
 
-def bench_data(pool_per_spec: int = 20, target_per_spec: int = 8, G: int = 8, max_new_tokens: int = 32,
+def bench_data(pool_per_spec: int = 40, target_per_spec: int = 16, G: int = 8, max_new_tokens: int = 32,
                seed: int = 0) -> dict:
     """The warmed tiny model (built on first use) and a rolled-out train pool and target set of the
     default task suite, cached under benchmarks/.data/<model fingerprint>-<settings>/.

@@ -4,7 +4,7 @@ at-a-time backward loop that flattens each full gradient and then projects it (w
 CROPI code does), all in this process on the same batches.
 
 Model: the tiny default architecture (random weights: cost does not depend on them), optionally
-a wider one. Data: synthetic prompts and responses with the tiny default's lengths (prompt
+widened (--scales). Data: synthetic prompts and responses with the tiny default's lengths (prompt
 --prompt-len ± 20 % characters, responses 8..--resp-len tokens), rewards with variance, stored
 behaviour log-probs. Every path computes the same objective J (cropi.policy_grad) over the same
 padded [P·G, T] tokens; (b) and cropi project with the same sjlt projector (k = --k).
@@ -55,8 +55,8 @@ def median_seconds(fn, reps: int) -> tuple[float, float]:
     return statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
 
 
-def bench_width(width: int, args) -> None:
-    """Time every path on one batch of the tiny architecture at hidden size ``width``; emit the results."""
+def bench_width(scale: int, args) -> None:
+    """Time every path on one batch of the tiny architecture widened ``scale`` times; emit the results."""
     from cropi import models
     from cropi.kron import KronProjector, prompt_features
     from cropi.policy_grad import (
@@ -73,8 +73,10 @@ def bench_width(width: int, args) -> None:
 
     tok = models.build_tiny_tokenizer()
     cfg = GradConfig()
-    model = models.build_tiny_model(tok, seed=args.seed, hidden_size=width, intermediate_size=3 * width)
-    policy = models.Policy(model, tok, f"tiny-arch-{width}", "-")
+    width = models.TINY_CONFIG["hidden_size"] * scale
+    model = models.build_tiny_model(tok, seed=args.seed, hidden_size=width,
+                                    intermediate_size=models.TINY_CONFIG["intermediate_size"] * scale)
+    policy = models.Policy(model, tok, f"tiny-arch-x{scale}", "-")
     names = select_params(model)
     d = param_dim(model, names)
     batch = synthetic_batch(args.prompts, args.G, args.prompt_len, args.resp_len, len(tok), args.seed)
@@ -134,15 +136,15 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=110)
     ap.add_argument("--resp-len", type=int, default=24)
     ap.add_argument("--k", type=int, default=8192)
-    ap.add_argument("--widths", default="128", help="hidden sizes (intermediate = 3x) of the tiny architecture")
+    ap.add_argument("--scales", default="1", help="width multipliers of the tiny default architecture")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     setup(args.threads)
     emit("gradients", kind="machine", **machine())
-    for width in [int(w) for w in args.widths.split(",")]:
-        bench_width(width, args)
+    for scale in [int(v) for v in args.scales.split(",")]:
+        bench_width(scale, args)
 
 if __name__ == "__main__":
     main()

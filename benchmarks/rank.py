@@ -40,14 +40,16 @@ def kron_from_grads(proj, flat: torch.Tensor, offsets: dict) -> torch.Tensor:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=400, help="max ok pool prompts with exact gradients")
-    ap.add_argument("--ks", default="256,1024,4096,8192", help="k values for sjlt / kron / mask-dense(ρ=0.1)")
+    ap.add_argument("--ks", default="256,1024,4096,8192", help="k values for sjlt")
+    ap.add_argument("--kron-ks", default="1024,8192,65536", help="k values for kron")
     ap.add_argument("--md-ks", default="1024,8192", help="k values for mask-dense at ρ = 0.1")
     ap.add_argument("--ratios", default="0.001,0.003,0.01,0.03,0.1,0.3,1.0", help="mask-dense kept ratios")
     ap.add_argument("--ratio-k", type=int, default=1024, help="k of the kept-ratio curve")
-    ap.add_argument("--seeds", type=int, default=3, help="projection seeds for sjlt and kron")
+    ap.add_argument("--seeds", type=int, default=3, help="projection seeds for sjlt, kron, mask-dense")
+    ap.add_argument("--ratio-seeds", type=int, default=5, help="projection seeds per point of the kept-ratio curve")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--pool-per-spec", type=int, default=20)
-    ap.add_argument("--target-per-spec", type=int, default=8)
+    ap.add_argument("--pool-per-spec", type=int, default=40)
+    ap.add_argument("--target-per-spec", type=int, default=16)
     args = ap.parse_args(argv)
     setup(args.threads)
     from cropi import influence, models, schema
@@ -117,7 +119,8 @@ def main(argv=None):
     for n in names:
         offsets[n] = o
         o += params[n].numel()
-    cover = KronProjector(policy.model, names, ks[0]).names
+    kron_ks = [int(v) for v in args.kron_ks.split(",")]
+    cover = KronProjector(policy.model, names, kron_ks[0]).names
     cols = torch.cat([torch.arange(offsets[n], offsets[n] + params[n].numel()) for n in cover])
     sub = flat[:, cols]
     exact_cov = influence.cosine(sub[:N].numpy(), sub[-1].numpy())
@@ -125,7 +128,7 @@ def main(argv=None):
          covered_share_of_sq_norm=float((sub[:N].double() ** 2).sum() / (flat[:N].double() ** 2).sum()),
          exact_covered_vs_all=influence.rank_agreement(exact, exact_cov, 0.1))
     del sub
-    for k in ks:
+    for k in kron_ks:
         def kron_run(seed, k=k):
             proj = KronProjector(policy.model, names, k, seed)
             f = kron_from_grads(proj, flat, offsets)
@@ -136,7 +139,7 @@ def main(argv=None):
         report("kron", k, [r[1] for r in res], cpu, k_actual=res[0][2], vs="exact over all parameters")
 
     # batched-hook kron == kron from exact gradients, on one batch
-    proj = KronProjector(policy.model, names, ks[-1], 0)
+    proj = KronProjector(policy.model, names, 8192, 0)
     b = rows[: cfg.batch]
     gcfg = GradConfig()
     w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], gcfg, pool_std) for i in b]
@@ -147,12 +150,13 @@ def main(argv=None):
          max_rel_diff=float(((hooks - via).norm(dim=1) / via.norm(dim=1)).max()))
 
     for k in [int(v) for v in args.md_ks.split(",")]:
-        report("mask-dense", k, *run_seeds(lambda seed, k=k: agree(make_projector("mask-dense", d, k, seed).project(flat)), 1),
-               density=0.1)
+        report("mask-dense", k, *run_seeds(lambda seed, k=k: agree(make_projector("mask-dense", d, k, seed).project(flat)),
+                                           args.seeds), density=0.1)
     rk = args.ratio_k
     for rho in [float(v) for v in args.ratios.split(",")]:
         report("mask-dense", rk, *run_seeds(lambda seed, rho=rho: agree(
-            make_projector("mask-dense", d, rk, seed, density=rho).project(flat)), 1), density=rho, curve="kept-ratio")
+            make_projector("mask-dense", d, rk, seed, density=rho).project(flat)), args.ratio_seeds), density=rho,
+               curve="kept-ratio")
 
 if __name__ == "__main__":
     main()

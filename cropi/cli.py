@@ -286,7 +286,7 @@ from cropi.train.config import click_options as _train_options  # noqa: E402
               help="Curriculum folder (stage-000, stage-001, ...).")
 @click.option("--model", default=None, help=MODEL_HELP + " [default: tiny]")
 @click.option("--target", "targets", type=click.Path(path_type=Path), multiple=True,
-              help="Target set (prompts or trajectories; trajectories with --rescore), repeatable: greedy accuracy "
+              help="Target set (prompts or trajectories; trajectories with --rescore), repeatable: accuracy "
                    "every --eval-every steps, and --rescore's target gradients.")
 @click.option("--heldout", type=click.Path(path_type=Path), multiple=True, help="Eval-only set, repeatable.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
@@ -304,7 +304,7 @@ from cropi.train.config import click_options as _train_options  # noqa: E402
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this global step with a checkpoint (continue with --resume).")
 @_train_options
-def train(config_file, curriculum_dir, model, targets, heldout, run_dir, resume, rescore, trajectories, selector, ratio,
+def train_cmd(config_file, curriculum_dir, model, targets, heldout, run_dir, resume, rescore, trajectories, selector, ratio,
           projector, k, device, max_steps, **options):
     """GRPO on the curriculum, stage by stage: metrics, checkpoints, eval, plots in RUN/."""
     import time

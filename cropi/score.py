@@ -230,7 +230,7 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         grad_cfg = GradConfig(**{**grad_cfg.to_dict(), "temperature": rmeta["temperature"]})
         cfg = ScoreConfig(**{**cfg.__dict__, "grad": grad_cfg})
     names = select_params(policy.model, grad_cfg.params)
-    if cfg.projector == "kron":  # features cover the nn.Linear weights only: score and check them alone
+    if cfg.projector == "kron":  # features cover Linear/Embedding weights only: score and check those alone
         projector = kron.KronProjector(policy.model, names, cfg.k, cfg.seed, dist=cfg.dist, device=policy.device)
         names = projector.names
     d = param_dim(policy.model, names)

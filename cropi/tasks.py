@@ -57,20 +57,23 @@ _EXCLUDED = frozenset({
 # families; the held-out ones are other training families.
 _COMPLEX_ADD_SUB = "complex_arithmetic:difficulty={},operations_weights=0.5|0.5|0|0"
 DEFAULT_TRAIN_SPECS = (
-    *(f"basic_arithmetic:difficulty={d}" for d in (0, 1, 2)),
-    *(f"chain_sum:difficulty={d}" for d in (0, 1, 2)),
+    *(f"basic_arithmetic:difficulty={d}" for d in (0, 1)),
+    *(f"chain_sum:difficulty={d}" for d in (0, 1)),
     *(f"count_bits:difficulty={d}" for d in (0, 1, 2)),
-    *(f"spell_backward:difficulty={d}" for d in (0, 1, 2)),
-    *(f"simple_equations:difficulty={d}" for d in (0, 1)),
-    *(_COMPLEX_ADD_SUB.format(d) for d in (0, 1, 2)),
+    *(f"spell_backward:difficulty={d}" for d in (1, 2, 3)),
+    "simple_equations:difficulty=0",
+    _COMPLEX_ADD_SUB.format(0),
 )
+# Chosen with the warmed tiny model (cropi/assets/tiny): the target families are those where it
+# sometimes succeeds (pass@8 0.4-0.7 at T=1) so RL has room; held-out families are the others.
 DEFAULT_TARGET_SPECS = (
-    *(f"chain_sum:difficulty={d}" for d in (0, 1, 2)),
-    *(f"spell_backward:difficulty={d}" for d in (0, 1, 2)),
+    "chain_sum:difficulty=0",
+    *(f"count_bits:difficulty={d}" for d in (0, 1, 2)),
 )
 DEFAULT_HELDOUT_SPECS = (
-    *(f"count_bits:difficulty={d}" for d in (0, 1, 2)),
-    *(_COMPLEX_ADD_SUB.format(d) for d in (0, 1, 2)),
+    "basic_arithmetic:difficulty=0",
+    "spell_backward:difficulty=3",
+    "simple_equations:difficulty=0",
 )
 
 

@@ -18,6 +18,14 @@ from cropi import models, tasks
 from cropi.runtime import derive_seed, progress
 
 
+# Every default family at every level the task suite offers for it (a superset of the pools).
+WARMUP_SPECS = (
+    *(f"{t}:difficulty={d}" for t in ("basic_arithmetic", "chain_sum", "count_bits", "spell_backward") for d in (0, 1, 2)),
+    *(f"simple_equations:difficulty={d}" for d in (0, 1)),
+    *(f"complex_arithmetic:difficulty={d},operations_weights=0.5|0.5|0|0" for d in (0, 1, 2)),
+)
+
+
 def sft_batch(policy: models.Policy, rows: list[dict]):
     """Tokens for supervised steps: input_ids, attention_mask, and the mask of answer tokens."""
     eos = policy.tokenizer.eos_token_id
@@ -52,7 +60,7 @@ def warmup(out=None, *, seed: int = 0, max_steps: int = 1500, batch_size: int = 
     """Build the tiny model, train it until its pass rate on the default pool reaches ``target``,
     save it (with ``cropi.json`` recording what was reached) and return that info."""
     out = Path(out) if out is not None else models.tiny_path()
-    specs = list(specs or tasks.DEFAULT_TRAIN_SPECS)
+    specs = list(specs or WARMUP_SPECS)
     t0 = time.time()
     tok = models.build_tiny_tokenizer()
     policy = models.Policy(models.build_tiny_model(tok, seed=seed), tok, models.TINY, str(out))
@@ -61,7 +69,7 @@ def warmup(out=None, *, seed: int = 0, max_steps: int = 1500, batch_size: int = 
     opt = torch.optim.AdamW(policy.model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     g = torch.Generator().manual_seed(derive_seed(seed, "warmup-order"))
-    history, rate, step = [], 0.0, 0
+    history, rate, step, best = [], 0.0, 0, 0.0
     bar = progress(total=max_steps, desc="warmup", unit="step")
     for step in range(1, max_steps + 1):
         policy.model.train()
@@ -79,10 +87,16 @@ def warmup(out=None, *, seed: int = 0, max_steps: int = 1500, batch_size: int = 
             bar.set_postfix(loss=f"{loss.item():.3f}", pass_rate=f"{rate:.2f}")
             if rate >= target:
                 break
+            if rate >= 0.15 and rate > best:  # in the product's band: keep it should a later step be worse or the run be cut
+                best = rate
+                models.save(policy.model, tok, out, {"kind": models.TINY, "partial": True, "steps": step, "pass_rate": round(rate, 4),
+                                                     "model_config": models.TINY_CONFIG, "chars": models.TINY_CHARS})
     bar.close()
     policy.model.eval()
     info = {
         "kind": models.TINY,
+        "model_config": models.TINY_CONFIG,
+        "chars": models.TINY_CHARS,
         "seed": seed,
         "steps": step,
         "pass_rate": round(rate, 4),

@@ -187,7 +187,7 @@ def test_default_specs_are_short_ascii_and_mixed():
     prompts = t.column("prompt").to_pylist()
     assert sum(map(len, prompts)) / len(prompts) < 120
     assert all(c == "\n" or " " <= c <= "~" for p in prompts + t.column("answer").to_pylist() for c in p)
-    assert len(set(t.column("difficulty").to_pylist())) == 3
+    assert len(set(t.column("difficulty").to_pylist())) >= 3
 
 
 # ---------------------------------------------------------------------------- rewards

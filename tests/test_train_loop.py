@@ -8,12 +8,14 @@ and the tiny default's measured learning curve (effect sizes in the comments).
 import itertools
 import json
 import math
+import random
 import signal
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -25,18 +27,29 @@ from cropi.train import loop
 from cropi.train.config import TrainConfig
 from cropi.train.plot import read_metrics
 
-TRAIN_SPECS = ["chain_sum:difficulty=0", "spell_backward:difficulty=0", "basic_arithmetic:difficulty=0"]
-TARGET_SPECS = ["chain_sum:difficulty=0", "spell_backward:difficulty=0"]
-SMALL = dict(batch_prompts=4, group_size=4, max_new_tokens=16, lr=1e-3, checkpoint_every=0, eval_every=10)
+# count_bits: the tiny default solves 10-20 % at temperature 1 and 20-30 % greedily, so groups
+# have reward variance and sharpening the policy transfers to unseen prompts of the family.
+COUNT_BITS = [f"count_bits:difficulty={d}" for d in (0, 1, 2)]
+TRAIN_SPECS = COUNT_BITS + ["chain_sum:difficulty=0"]
+SMALL = dict(
+    batch_prompts=4,
+    group_size=4,
+    max_new_tokens=16,
+    lr=5e-4,
+    checkpoint_every=0,
+    eval_every=15,
+    eval_samples=8,
+    eval_temperature=1.0,
+)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A one-stage curriculum (24 prompts) and a 24-prompt target set of its families (val split)."""
+    """A one-stage curriculum (24 prompts) and a 24-prompt count_bits target set (val split)."""
     root = tmp_path_factory.mktemp("loop")
-    pool = tasks.make_pool(TRAIN_SPECS, 8, 0, "train")
+    pool = tasks.make_pool(TRAIN_SPECS, 6, 0, "train")
     curriculum.write_stage(root / "cur", pool, {"selector": "test"})
-    schema.write_parquet_atomic(tasks.make_pool(TARGET_SPECS, 12, 0, "val"), root / "val.parquet")
+    schema.write_parquet_atomic(tasks.make_pool(COUNT_BITS, 8, 0, "val"), root / "val.parquet")
     return root
 
 
@@ -77,7 +90,13 @@ def test_pass_at_k_hand_values_and_brute_force():
 
 
 def test_lr_factor_warmup_constant_cosine():
-    assert [loop.lr_factor(i, 4, 10, "constant") for i in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert [loop.lr_factor(i, 4, 10, "constant") for i in (0, 1, 3, 4, 9)] == [
+        0.25,
+        0.5,
+        1.0,
+        1.0,
+        1.0,
+    ]
     # cosine after 2 warm-up steps of 10: 0.5 * (1 + cos(pi * (i - 2) / 8))
     assert loop.lr_factor(2, 2, 10, "cosine") == 1.0
     assert loop.lr_factor(6, 2, 10, "cosine") == pytest.approx(0.5)
@@ -86,9 +105,9 @@ def test_lr_factor_warmup_constant_cosine():
 
 def test_rng_state_round_trip():
     state = ckpt.rng_state()
-    a = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    a = (torch.rand(3), np.random.rand(3), random.random())
     ckpt.set_rng_state(state)
-    b = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
@@ -100,12 +119,24 @@ def _batch(policy, cfg):
     stage_rows = tasks.make_pool(["chain_sum:difficulty=0"], 2, 1, "train").to_pylist()
     ids = models.encode_prompts(policy, [r["prompt"] for r in stage_rows])
     gen = torch.Generator().manual_seed(0)
-    resp = models.sample(policy, [p for p in ids for _ in range(4)], temperature=1.0, max_new_tokens=12, generator=gen)
+    resp = models.sample(
+        policy,
+        [p for p in ids for _ in range(4)],
+        temperature=1.0,
+        max_new_tokens=12,
+        generator=gen,
+    )
     stage = loop.Stage(0, stage_rows, ids, None, None, None, None, None, {})
     rewards = [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
     eos = policy.tokenizer.eos_token_id
     groups = [
-        loop.Group(j, resp[4 * j : 4 * j + 4], rewards[j], rewards[j], [models.is_truncated(r, eos) for r in resp[4 * j : 4 * j + 4]])
+        loop.Group(
+            j,
+            resp[4 * j : 4 * j + 4],
+            rewards[j],
+            rewards[j],
+            [models.is_truncated(r, eos) for r in resp[4 * j : 4 * j + 4]],
+        )
         for j in range(2)
     ]
     return loop.build_batch(policy, stage, groups, cfg), resp
@@ -129,7 +160,9 @@ def test_micro_batched_update_equals_full_batch_autograd(tiny_policy, agg):
 
     model.zero_grad()
     lp = models.token_logprobs(model, batch.ids, batch.attn)
-    loss, _ = policy_loss(lp, lp.detach(), batch.adv, batch.mask, clip_low=0.2, clip_high=0.2, agg=agg, norm_len=12)
+    loss, _ = policy_loss(
+        lp, lp.detach(), batch.adv, batch.mask, clip_low=0.2, clip_high=0.2, agg=agg, norm_len=12
+    )
     loss.backward()
     for d, p in zip(delta, model.parameters()):
         torch.testing.assert_close(d, p.grad, rtol=1e-4, atol=1e-7)
@@ -164,20 +197,36 @@ def test_update_moves_log_probs_along_the_advantages(tiny_policy):
 # ---------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow  # ~15-20 s each on 2 shared cores; fast: update direction, stateful resume
 def test_thirty_steps_raise_training_reward_and_target_accuracy(full_run):
-    """Seeded 30-step run (B=4, G=4, lr 1e-3) on the tiny default.
-    Measured over seeds 0-4 (scratch script): EFFECT_SIZES."""
+    """Seeded 30-step run (B=4, G=4, lr 5e-4) on the tiny default. The shard is 24 prompts, so
+    steps 1-6 and 25-30 each visit every prompt once: their mean rewards compare like with like.
+    Target accuracy: mean pass rate of 8 samples at temperature 1 on 24 unseen prompts.
+    Measured with seeds 0-4 (scratch script, this machine): reward +0.125, +0.021, +0.078,
+    +0.088, +0.089 (seed 0: 0.115 -> 0.240); target accuracy +0.031, +0.036, +0.042, +0.042,
+    +0.016 (seed 0: 0.151 -> 0.182). Seed 0 is asserted with margins well inside its effect."""
     run, summary = full_run
     rows = read_metrics(run / "metrics.jsonl")
     train = [r for r in rows if r["event"] == "train"]
     evals = [r for r in rows if r["event"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 31)) and summary["stopped"] is None
-    assert [r["step"] for r in evals] == [0, 10, 20, 30]
-    first = np.mean([r["reward_mean"] for r in train[:10]])
-    last = np.mean([r["reward_mean"] for r in train[-10:]])
-    assert last > first + REWARD_MARGIN
-    assert evals[-1]["target"]["val"] > evals[0]["target"]["val"] + ACC_MARGIN
-    for key in ("reward_std", "zero_var_frac", "clip_frac", "entropy", "resp_len", "trunc_rate", "prompts_seen", "lr", "loss", "seconds"):
+    assert [r["step"] for r in evals] == [0, 15, 30]
+    first = np.mean([r["reward_mean"] for r in train[:6]])
+    last = np.mean([r["reward_mean"] for r in train[-6:]])
+    assert last > first + 0.05
+    assert evals[-1]["target"]["val"] > evals[0]["target"]["val"] + 0.01
+    for key in (
+        "reward_std",
+        "zero_var_frac",
+        "clip_frac",
+        "entropy",
+        "resp_len",
+        "trunc_rate",
+        "prompts_seen",
+        "lr",
+        "loss",
+        "seconds",
+    ):
         assert key in train[0]
     assert train[-1]["prompts_seen"] == 30 * 4 and train[0]["kl"] is None
     saved = (run / "config.yaml").read_text()
@@ -189,6 +238,7 @@ def test_thirty_steps_raise_training_reward_and_target_accuracy(full_run):
     assert models.fingerprint(again.model) != models.fingerprint(models.load(models.TINY).model)
 
 
+@pytest.mark.slow  # ~15-20 s each on 2 shared cores; fast: update direction, stateful resume
 def test_sigterm_at_step_15_then_resume_equals_the_uninterrupted_run(data, full_run, monkeypatch):
     """A real SIGTERM during step 15 stops after that step with a checkpoint; --resume then ends
     with the uninterrupted run's metrics (wall clock aside) and bit-identical weights."""
@@ -223,9 +273,11 @@ def rollouts(data):
     """Offline trajectories of a 16-prompt pool and of an 8-prompt target set (tiny default)."""
     from cropi.rollout import rollout
 
-    pool = tasks.make_pool(TRAIN_SPECS + ["count_bits:difficulty=0"], 4, 5, "train")
+    pool = tasks.make_pool(TRAIN_SPECS, 4, 5, "train")
     schema.write_parquet_atomic(pool, data / "pool_prompts.parquet")
-    schema.write_parquet_atomic(tasks.make_pool(TARGET_SPECS, 4, 5, "val"), data / "tgt_prompts.parquet")
+    schema.write_parquet_atomic(
+        tasks.make_pool(COUNT_BITS, 3, 5, "val"), data / "tgt_prompts.parquet"
+    )
     rollout(data / "pool_prompts.parquet", data / "pool.parquet", n=4, max_new_tokens=16, seed=1)
     rollout(data / "tgt_prompts.parquet", data / "tgt.parquet", n=4, max_new_tokens=16, seed=2)
     return data / "pool.parquet", data / "tgt.parquet"
@@ -237,7 +289,12 @@ def test_rescore_creates_each_stage_by_score_and_select(data, rollouts):
     pool, tgt = rollouts
     cur, run = data / "cur_rescore", data / "rescore"
     spec = loop.RunSpec(
-        curriculum=str(cur), targets=[str(tgt)], rescore=True, trajectories=str(pool), ratio=0.25, k=64,
+        curriculum=str(cur),
+        targets=[str(tgt)],
+        rescore=True,
+        trajectories=str(pool),
+        ratio=0.25,
+        k=64,
         train=TrainConfig(**{**SMALL, "steps_per_stage": 2, "stages": 2, "eval_every": 0}),
     )
     summary = loop.train(run, spec)
@@ -302,6 +359,8 @@ NON_DEFAULT = {  # option -> (value, options it needs)
     "stages": (1, {}),
     "micro_batch": (5, {}),
     "eval_every": (1, {}),
+    "eval_temperature": (0.7, {}),
+    "eval_samples": (2, {"eval_temperature": 1.0}),
     "checkpoint_every": (1, {}),
     "seed": (3, {}),
     "grad_clip": (0.0, {}),
@@ -322,7 +381,7 @@ def test_each_option_runs_a_step(data, option, monkeypatch, tmp_path):
     base = {**SMALL, "steps_per_stage": 1, "eval_every": 0, **needs}
     cfg = TrainConfig(**{**base, option: value})
     assert getattr(cfg, option) != getattr(TrainConfig(**base), option)
-    targets = [str(data / "val.parquet")] if option == "eval_every" else []
+    targets = [str(data / "val.parquet")] if option.startswith("eval_") else []
     spec = loop.RunSpec(curriculum=str(data / "cur"), targets=targets, train=cfg)
     out = loop.train(tmp_path / "run", spec, max_steps=1)
     row = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"][0]
@@ -333,12 +392,14 @@ def test_each_option_runs_a_step(data, option, monkeypatch, tmp_path):
         "kl_beta": lambda: row["kl"] is not None and row["kl"] >= 0,
         "rl_plus": lambda: row["demo_weight_mean"] > 0,
         "rl_plus_omega": lambda: row["demo_weight_mean"] > 0,
-        "rlve": lambda: set(row["rlve_h"]) == {"chain_sum", "spell_backward", "basic_arithmetic"},
+        "rlve": lambda: set(row["rlve_h"]) == {"chain_sum", "count_bits"},
         "overlong_penalty": lambda: row["overlong_penalty"] <= 0,
         "warmup_steps": lambda: row["lr"] == pytest.approx(cfg.lr / 4),
         "lr": lambda: row["lr"] == pytest.approx(1e-2),
         "batch_prompts": lambda: row["prompts_seen"] == row["generated"] >= 2,
-        "dynamic_sampling": lambda: row["dropped"] == row["generated"] - row["groups"] - row["replayed"],
+        "dynamic_sampling": lambda: (
+            row["dropped"] == row["generated"] - row["groups"] - row["replayed"]
+        ),
         "eval_every": lambda: (tmp_path / "run" / "eval" / "step-1.json").exists(),
         "checkpoint_every": lambda: sorted(ckpt.checkpoints(tmp_path / "run")) == [1],
         "mu_updates": lambda: row["ratio_max"] > 1.0,
@@ -358,18 +419,40 @@ def test_greedy_accuracy_equals_one_prompt_at_a_time(tiny_policy, data):
     for r in rows:
         ids = models.encode_prompts(tiny_policy, [r["prompt"]])
         out = models.sample(tiny_policy, ids, temperature=0.0, max_new_tokens=16)
-        alone.append(tasks.reward(models.decode_responses(tiny_policy, out)[0], r["answer"], r["task"], r["metadata"]) >= 0.5)
+        alone.append(
+            tasks.reward(
+                models.decode_responses(tiny_policy, out)[0], r["answer"], r["task"], r["metadata"]
+            )
+            >= 0.5
+        )
     assert res["n"] == 8 and res["accuracy"] == pytest.approx(np.mean(alone))
     assert res["pass@k"] == {"1": pytest.approx(np.mean(alone))}
-    by_task = {t: np.mean([a for a, r in zip(alone, rows) if r["task"] == t]) for t in {r["task"] for r in rows}}
+    by_task = {
+        t: np.mean([a for a, r in zip(alone, rows) if r["task"] == t])
+        for t in {r["task"] for r in rows}
+    }
     assert res["per_task"] == pytest.approx(by_task)
 
 
 def test_cropi_eval_cli(data, tmp_path):
     runner = CliRunner()
     out = tmp_path / "eval.json"
-    res = runner.invoke(main, ["eval", "--target", str(data / "val.parquet"), "--n-samples", "4", "--temperature", "1.0",
-                               "--max-new-tokens", "16", "--out", str(out)])
+    res = runner.invoke(
+        main,
+        [
+            "eval",
+            "--target",
+            str(data / "val.parquet"),
+            "--n-samples",
+            "4",
+            "--temperature",
+            "1.0",
+            "--max-new-tokens",
+            "16",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report == json.loads(out.read_text())
@@ -389,9 +472,28 @@ def test_cropi_eval_cli(data, tmp_path):
 def test_cropi_train_cli_resume_rules_and_sigterm_exit_code(data, tmp_path, monkeypatch):
     runner = CliRunner()
     run = tmp_path / "run"
-    args = ["train", "--curriculum", str(data / "cur"), "--run", str(run), "--target", str(data / "val.parquet"),
-            "--steps-per-stage", "2", "--batch-prompts", "2", "--group-size", "2", "--max-new-tokens", "8",
-            "--eval-every", "0"]
+    config = {
+        "curriculum": str(data / "cur"),
+        "train": {
+            "steps_per_stage": 2,
+            "batch_prompts": 2,
+            "group_size": 4,
+            "max_new_tokens": 8,
+            "eval_every": 0,
+        },
+    }
+    (tmp_path / "cfg.yaml").write_text(json.dumps(config))  # JSON is YAML
+    args = [
+        "train",
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--run",
+        str(run),
+        "--target",
+        str(data / "val.parquet"),
+        "--group-size",
+        "2",
+    ]
     real_step = loop.train_step
 
     def step_then_signal(*a):
@@ -407,9 +509,79 @@ def test_cropi_train_cli_resume_rules_and_sigterm_exit_code(data, tmp_path, monk
     again = runner.invoke(main, args)
     assert again.exit_code == 2 and "--resume" in again.output
     changed = runner.invoke(main, ["train", "--run", str(run), "--resume", "--lr", "0.5"])
-    assert changed.exit_code == 2 and "lr" in again.output + changed.output
+    assert changed.exit_code == 2 and "field lr: --resume: given 0.5" in changed.output
     done = runner.invoke(main, ["train", "--run", str(run), "--resume"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.output.splitlines()[-1])["step"] == 2
-    saved = loop.RunSpec.from_dict(__import__("yaml").safe_load((run / "config.yaml").read_text()))
-    assert saved.train.batch_prompts == 2 and saved.train.stages == 1 and saved.targets == [str(data / "val.parquet")]
+    saved = loop.RunSpec.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert (
+        saved.train.batch_prompts == 2 and saved.train.group_size == 2
+    )  # --config, overridden by a flag
+    assert saved.train.stages == 1 and saved.targets == [str(data / "val.parquet")]
+
+
+def test_stateful_options_resume_exactly(data, tmp_path, monkeypatch):
+    """Sampler, VCRL bank, RLVE controller, reference model and optimiser state survive a stop
+    at step 3 of 6 (spanning two stages of 3)."""
+    monkeypatch.setattr(loop, "plot_curves", lambda *a: None)
+    curriculum.write_stage(
+        tmp_path / "cur", tasks.make_pool(TRAIN_SPECS, 3, 1, "train"), {"selector": "test"}
+    )
+    curriculum.write_stage(
+        tmp_path / "cur", tasks.make_pool(TRAIN_SPECS, 3, 2, "train"), {"selector": "test"}
+    )
+    opts = dict(
+        vcrl=True,
+        vcrl_kappa=0.3,
+        rlve=True,
+        rlve_tau_num=4,
+        rlve_tau_acc=0.2,
+        dynamic_sampling=True,
+        max_refill=1,
+        rl_plus=True,
+        kl_beta=0.05,
+        mu_updates=2,
+        overlong_penalty=True,
+        steps_per_stage=3,
+        max_new_tokens=12,
+        lr_schedule="cosine",
+        warmup_steps=2,
+    )
+    spec = loop.RunSpec(curriculum=str(tmp_path / "cur"), train=TrainConfig(**{**SMALL, **opts}))
+    loop.train(tmp_path / "a", spec)
+    assert loop.train(tmp_path / "b", spec, max_steps=2)["stopped"] == 0
+    loop.train(tmp_path / "b", spec, resume=True)
+    rows = metric_rows(tmp_path / "a")
+    assert rows == metric_rows(tmp_path / "b") and [r["stage"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert any(r["replayed"] or r["dropped"] for r in rows)
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-6" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-6" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensorboard_events_when_available(data, tmp_path, monkeypatch):
+    """With torch.utils.tensorboard importable, every numeric metric goes to a SummaryWriter."""
+    import sys
+    import types
+
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir, purge_step=None):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer)
+    )
+    monkeypatch.setattr(loop, "plot_curves", lambda *a: None)
+    loop.train(tmp_path / "run", spec_for(data, steps_per_stage=2, eval_every=0), max_steps=2)
+    assert calls[0] == ("init", str(tmp_path / "run" / "tb")) and calls[-1] == ("close",)
+    tags = {c[0] for c in calls[1:-1]}
+    assert {"train/reward_mean", "train/loss", "eval/target/val"} <= tags
+    assert ("train/prompts_seen", 8, 2) in calls

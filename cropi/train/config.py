@@ -115,6 +115,11 @@ class TrainConfig:
         0, "Responses per forward/backward pass (0: the whole batch); the update does not change."
     )
     eval_every: int = _opt(5, "Evaluate target accuracy every N steps (0: only at the end).")
+    eval_temperature: float = _opt(0.0, "Sampling temperature of the periodic eval (0: greedy).")
+    eval_samples: int = _opt(
+        1,
+        "Responses per eval prompt; accuracy is their mean pass rate (needs eval_temperature > 0).",
+    )
     checkpoint_every: int = _opt(10, "Checkpoint every N steps (0: only on stop).")
     seed: int = _opt(0, "Seed for data order, sampling and initialisation.")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0: off).")
@@ -159,12 +164,18 @@ class TrainConfig:
             ("stages", self.stages >= 0, "must be >= 0"),
             ("micro_batch", self.micro_batch >= 0, "must be >= 0"),
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
+            ("eval_temperature", self.eval_temperature >= 0, "must be >= 0"),
+            ("eval_samples", self.eval_samples >= 1, "must be >= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
             ("seed", self.seed >= 0, "must be >= 0"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
         ]
+        if self.eval_samples > 1:
+            checks.append(
+                ("eval_temperature", self.eval_temperature > 0, "must be > 0 when eval_samples > 1")
+            )
         if self.overlong_penalty:
             checks.append(
                 (

@@ -11,6 +11,17 @@ and `samplers`; this module only wires it.
     RUN/eval/step-N.json       full eval results;  RUN/scores/stage-S/  --rescore scores
     RUN/plots/curves.png       curves;             RUN/tb/  TensorBoard events (when installed)
 
+Train row fields: reward_mean / reward_std (task rewards of every response generated this step,
+before any penalty), zero_var_frac (generated groups with all-equal rewards), clip_frac (on-policy
+tokens in the clipped branch, over the mu updates), entropy (nats/token of sampled responses,
+first pass), kl (k3 to the reference, null without one), resp_len (tokens), trunc_rate, lr,
+loss (mean over the mu updates), grad_norm (before clipping), ratio_max, groups (trained),
+generated (groups sampled, refills and replays included), gen_calls, dropped, replayed,
+overlong_penalty (mean penalty), demo_weight_mean (RL-PLUS), rlve_h (RLVE top level per task),
+prompts_seen (cumulative `generated`), seconds (wall clock; the only field that differs between
+identical runs). Eval rows: {"event": "eval", "step", "stage", "target": {set: accuracy},
+"heldout": {set: accuracy}, "seconds"}; step 0 is the model before training.
+
 Determinism: step g samples with a generator seeded by derive_seed(seed, "step", g) and the
 shard order is a seeded PromptSampler per stage, so a resumed run reproduces an uninterrupted
 one (metrics and weights). The policy stays in eval mode (dropout off, as in verl and TRL).
@@ -19,8 +30,8 @@ Option notes:
 - RL-PLUS: the external demonstration of a prompt is its reference solution
   "Answer: <answer>" + EOS (the format the tiny model was warmed up on), added to the group as
   response G+1 with its verified reward. Its importance weight uses omega = 1 (`rl_plus_omega`
-  "one": a fixed solution is what a deterministic external policy emits; this is the paper's
-  definition) or omega = pi_old ("old": the multiple-importance ratio becomes pi_theta/pi_old).
+  "one", the default: a fixed solution is what a deterministic external policy emits) or
+  omega = pi_old ("old": the multiple-importance ratio then reduces to pi_theta / pi_old).
 - VCRL bank, RLVE controller and the shard order live per stage (a new shard starts afresh).
   RLVE keeps, per task, the shard rows whose difficulty is in [h - window, h] (h starts at the
   task's easiest level in the shard and stops at its hardest); when the window holds fewer
@@ -31,7 +42,6 @@ Option notes:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -131,15 +141,14 @@ def resolve_spec(
             {**saved.to_dict(), **given_run, "train": {**saved.train.to_dict(), **given_train}},
             "--resume",
         )
-        for key, value in want.to_dict().items():
-            sub = value.items() if key == "train" else [(key, value)]
-            old = saved.to_dict()[key]
-            for name, v in sub:
-                ov = old[name] if key == "train" else old
-                if v != ov:
-                    raise schema.InputError(
-                        path, None, name, f"--resume: given {v!r}, but the run has {ov!r}"
-                    )
+        old, new = saved.to_dict(), want.to_dict()
+        pairs = [(k, new[k], old[k]) for k in old if k != "train"]
+        pairs += [(k, new["train"][k], old["train"][k]) for k in old["train"]]
+        for name, given, had in pairs:
+            if given != had:
+                raise schema.InputError(
+                    path, None, name, f"--resume: given {given!r}, but the run has {had!r}"
+                )
         return saved
     base: dict = {}
     if config_file is not None:
@@ -649,11 +658,21 @@ def train_step(policy: models.Policy, ref, opt, stage: Stage, cfg: TrainConfig, 
 def _eval(
     policy: models.Policy, sets: dict, cfg: TrainConfig, step: int, stage: int, run_dir: Path
 ) -> dict:
-    """Greedy accuracy on every eval set; full results to RUN/eval/step-N.json; returns the row."""
+    """Accuracy on every eval set: greedy, or the mean pass rate of `eval_samples` responses at
+    `eval_temperature`. The sampling seed depends on the set, not the step (common random
+    numbers: successive evals differ by the policy's change, not by sampling noise). Full
+    results go to RUN/eval/step-N.json; returns the metrics row."""
     t0 = time.time()
     full = {
         group: {
-            name: evaluate(policy, rows, max_new_tokens=cfg.max_new_tokens)
+            name: evaluate(
+                policy,
+                rows,
+                n_samples=cfg.eval_samples,
+                temperature=cfg.eval_temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=derive_seed(cfg.seed, "eval", group, name),
+            )
             for name, rows in named.items()
         }
         for group, named in sets.items()
@@ -692,11 +711,24 @@ def _tensorboard(run_dir: Path, purge_step: int):
     return SummaryWriter(str(run_dir / "tb"), purge_step=purge_step or None)
 
 
+def _tb_row(tb, row: dict) -> None:
+    """Numeric fields of a metrics row as scalars `EVENT/FIELD` (dict fields: `EVENT/FIELD/KEY`)."""
+    for k, v in row.items():
+        if isinstance(v, int | float) and k not in ("step", "event"):
+            tb.add_scalar(f"{row['event']}/{k}", v, row["step"])
+        elif isinstance(v, dict):
+            for name, x in v.items():
+                tb.add_scalar(f"{row['event']}/{k}/{name}", x, row["step"])
+
+
 def _check_stages(spec: RunSpec) -> int:
     """The number of stages to train (validates the curriculum and the --rescore inputs)."""
     cfg = spec.train
     have = curriculum.stage_dirs(spec.curriculum)
     if spec.rescore:
+        from cropi.select import check_params
+
+        check_params(spec.selector, spec.ratio)
         if not spec.trajectories:
             raise schema.InputError(
                 "--rescore", None, "--trajectories", "needs the offline pool to score"
@@ -771,21 +803,15 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
 
-    base_path = models.resolve(spec.model)
-    base_info = (
-        json.loads((Path(base_path) / "cropi.json").read_text())
-        if (Path(str(base_path)) / "cropi.json").exists()
-        else {}
-    )
+    info_file = Path(str(models.resolve(spec.model))) / "cropi.json"
+    base_info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    # float32 master weights whatever the device's default dtype (AdamW on bf16 weights drifts)
     policy = models.load(str(latest) if latest else spec.model, device=device, dtype=torch.float32)
     ref = None
-    if cfg.kl_beta > 0:
-        ref = (
-            models.load(spec.model, device=device, dtype=torch.float32).model
-            if latest
-            else copy.deepcopy(policy.model)
+    if cfg.kl_beta > 0:  # the frozen reference is the run's initial model
+        ref = models.load(spec.model, device=device, dtype=torch.float32).model.requires_grad_(
+            False
         )
-        ref.requires_grad_(False).eval()
     opt = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: lr_factor(i, cfg.warmup_steps, total, cfg.lr_schedule)
@@ -839,12 +865,7 @@ def train(
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
                 if tb is not None:
-                    for k, v in row.items():
-                        if isinstance(v, (int, float)) and k not in ("step", "event"):
-                            tb.add_scalar(f"{row['event']}/{k}", v, row["step"])
-                        elif isinstance(v, dict):
-                            for name, x in v.items():
-                                tb.add_scalar(f"{row['event']}/{k}/{name}", x, row["step"])
+                    _tb_row(tb, row)
 
             if step == 0 and has_eval:
                 last_eval = _eval(policy, sets, cfg, 0, 0, run_dir)

@@ -62,7 +62,7 @@ def plot_curves(metrics_path, out) -> Path:
             )
     if evals:
         ax.legend(fontsize=7)
-    ax.set_title("eval accuracy (greedy)")
+    ax.set_title("eval accuracy")
     ax.set_xlabel("step")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
