@@ -4,6 +4,7 @@ the same offline trajectories, select the top 10 %, train K steps, evaluate.
     ROOT/data/pool.parquet, targets/<name>.parquet (val split), tests/<name>.parquet (test split
         of the target families), heldout/<name>.parquet (test split of other families)   prompts
     ROOT/data/pool.traj.parquet, targets/<name>.traj.parquet                    offline rollouts (β = θ_0)
+    ROOT/data/scores-stage-0/                                                    θ_0's scores (shared by all seeds)
     ROOT/<method>-s<seed>/curriculum/stage-NNN/                                   the shards
     ROOT/<method>-s<seed>/run/                                                    cropi.train run dir
                                           (scores/stage-S/, checkpoints/, metrics.jsonl, eval/, plots/)
@@ -140,11 +141,13 @@ def make_curriculum(method: str, cfg: dict, seed: int, data: dict, cur: Path, sp
         if not have:
             from cropi.score import ScoreConfig, score
 
-            sdir = cur.parent / "run" / "scores" / "stage-0"
+            # θ_0 and the offline data are the same for every seed: score stage 0 once
+            sdir = Path(data["pool_traj"]).parent / "scores-stage-0"
             if not (sdir / "meta.json").exists():
                 sc = cfg.get("score", {})
                 score(data["pool_traj"], list(data["targets"].values()), sdir, model=spec.model, resume=sdir.exists(),
-                      cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=seed, combine=sc.get("combine", "mean")),
+                      cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=int(cfg.get("seed", 0)),
+                                      combine=sc.get("combine", "mean")),
                       device=cfg.get("device", "cpu"))
             curriculum.make_stage(scores_dir=sdir, selector="popi", ratio=ratio, out=cur, seed=seed)
         return

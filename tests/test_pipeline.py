@@ -5,29 +5,27 @@ import json
 import yaml
 from click.testing import CliRunner
 
-from cropi import curriculum, features, models, schema
+from cropi import curriculum, features, schema
 from cropi.cli import main
 
 
-def test_cropi_run_smoke(tmp_path, small_policy):
-    mdir = tmp_path / "model"
-    models.save(small_policy.model, small_policy.tokenizer, mdir, {"kind": "tiny"})
+def test_cropi_run_smoke(tmp_path, tiny_policy):
     cfg = {
         "name": "smoke",
         "seed": 0,
-        "model": str(mdir),
+        "model": "tiny",
         "data": {
-            "pool": ["basic_arithmetic:difficulty=0", "spell_backward:difficulty=0", "chain_sum:difficulty=0"],
+            "pool": ["count_bits:difficulty=0", "spell_backward:difficulty=3", "chain_sum:difficulty=0"],
             "pool_per_spec": 8,
-            "targets": {"target": ["spell_backward:difficulty=0"]},
-            "target_per_spec": 4,
+            "targets": {"target": ["count_bits:difficulty=1"]},
+            "target_per_spec": 6,
             "heldout": {"heldout": ["basic_arithmetic:difficulty=0"]},
             "heldout_per_spec": 4,
         },
-        "rollout": {"n": 4, "max_new_tokens": 6},
+        "rollout": {"n": 4, "max_new_tokens": 12},
         "score": {"projector": "sjlt", "k": 256},
         "select": {"ratio": 0.25},
-        "train": {"stages": 2, "steps_per_stage": 2, "batch_prompts": 2, "group_size": 4, "max_new_tokens": 6,
+        "train": {"stages": 2, "steps_per_stage": 2, "batch_prompts": 2, "group_size": 4, "max_new_tokens": 12,
                   "eval_every": 2, "checkpoint_every": 2},
         "compare": {"methods": ["full", "random", "cropi"], "seeds": [0]},
     }
@@ -47,12 +45,12 @@ def test_cropi_run_smoke(tmp_path, small_policy):
     for s in (0, 1):
         rows, manifest = curriculum.read_stage(cur, s)
         assert manifest["selector"] == "popi" and rows.num_rows == 6
-        sdir = root / "cropi-s0" / "run" / "scores" / f"stage-{s}"
+        sdir = root / "data" / "scores-stage-0" if s == 0 else root / "cropi-s0" / "run" / "scores" / f"stage-{s:03d}"
         scores = schema.read_table(sdir / "scores.parquet", "scores")
         assert scores.num_rows == 24
         features.check_compatible(sdir / "features", sdir / "targets" / "target")
-    m0 = json.loads((root / "cropi-s0" / "run" / "scores" / "stage-0" / "meta.json").read_text())
-    m1 = json.loads((root / "cropi-s0" / "run" / "scores" / "stage-1" / "meta.json").read_text())
+    m0 = json.loads((root / "data" / "scores-stage-0" / "meta.json").read_text())
+    m1 = json.loads((root / "cropi-s0" / "run" / "scores" / "stage-001" / "meta.json").read_text())
     assert m0["fingerprint"] != m1["fingerprint"]  # re-scored with the trained checkpoint
     for method in ("full", "random", "cropi"):
         run = root / f"{method}-s0" / "run"
