@@ -104,23 +104,14 @@ def build_tiny_model(tokenizer, seed: int = 0, **overrides):
 
 def save(model, tokenizer, path, info: dict | None = None) -> Path:
     """save_pretrained both into ``path`` atomically (temp folder + rename); ``info`` -> cropi.json."""
-    import shutil
-    import tempfile
+    from cropi.schema import atomic_dir
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if info is not None:
             (tmp / "cropi.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -187,11 +178,11 @@ def _shipped_tiny_matches() -> bool:
 
 def _install(src: Path, dst: Path) -> None:
     import shutil
-    import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    os.replace(tmp, dst)
+    from cropi.schema import atomic_dir
+
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def load(name_or_path: str = TINY, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

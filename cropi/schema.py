@@ -18,8 +18,10 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +375,22 @@ def read_cropi_meta(path) -> dict:
     """The b"cropi" JSON metadata a cropi writer put into a Parquet file ({} when absent)."""
     md = pq.read_schema(path).metadata or {}
     return json.loads(md[b"cropi"]) if b"cropi" in md else {}
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (rename), on
+    error it is removed, so ``path`` is either the old folder or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(obj, path) -> Path:

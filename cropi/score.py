@@ -25,7 +25,14 @@ import torch
 from cropi import features as F
 from cropi import influence, kron, models, schema
 from cropi.distributed import all_reduce_sum, barrier
-from cropi.policy_grad import GradConfig, is_zero_signal, param_dim, prompt_gradients, select_params, token_weights
+from cropi.policy_grad import (
+    GradConfig,
+    is_zero_signal,
+    param_dim,
+    prompt_gradients,
+    select_params,
+    token_weights,
+)
 from cropi.projection import make_projector
 from cropi.rollout import rollout_meta
 from cropi.runtime import derive_seed, progress

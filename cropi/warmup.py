@@ -17,7 +17,6 @@ import torch
 from cropi import models, tasks
 from cropi.runtime import derive_seed, progress
 
-
 # Every default family at every level the task suite offers for it (a superset of the pools).
 WARMUP_SPECS = (
     *(f"{t}:difficulty={d}" for t in ("basic_arithmetic", "chain_sum", "count_bits", "spell_backward") for d in (0, 1, 2)),

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from cropi import models
-from cropi.policy_grad import GradConfig, is_zero_signal, param_dim, prompt_gradients, select_params, token_weights
+from cropi.policy_grad import (
+    GradConfig,
+    is_zero_signal,
+    param_dim,
+    prompt_gradients,
+    select_params,
+    token_weights,
+)
 from cropi.projection import make_projector
 
 

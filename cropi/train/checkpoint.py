@@ -9,17 +9,15 @@ so a checkpoint folder either is complete or does not exist.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cropi import models
+from cropi.schema import atomic_dir
 
 TRAINER_STATE = "trainer_state.pt"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -75,16 +73,9 @@ def save(run_dir, step: int, policy: models.Policy, state: dict, info: dict | No
     """Write checkpoint `step`: the policy (save_pretrained, `info` -> cropi.json) and `state`
     (plus the RNG states) as trainer_state.pt. Replaces an existing checkpoint of that step."""
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         models.save(policy.model, policy.tokenizer, tmp, info)
         torch.save({**state, "rng": rng_state()}, tmp / TRAINER_STATE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
