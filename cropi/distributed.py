@@ -25,8 +25,10 @@ def is_distributed() -> bool:
 
 
 def default_device(device: str | None = None) -> str:
-    """The device this process should use: ``device`` if given, else cuda:LOCAL_RANK when CUDA is
-    available, else cpu."""
+    """The device this process should use: ``device`` if given (plain ``cuda`` = this rank's GPU,
+    cuda:LOCAL_RANK), else cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if device == "cuda":
+        return f"cuda:{world_info()[2]}"
     if device:
         return device
     if torch.cuda.is_available():

@@ -49,6 +49,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -883,7 +884,9 @@ def train(
                     stage_state = None
                 t0 = time.time()
                 row = train_step(policy, ref, opt, stage, cfg, step + 1)
-                sched.step()
+                with warnings.catch_warnings():  # the schedule follows global steps, updates or not
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    sched.step()
                 step += 1
                 steps_done += 1
                 seen += row["generated"]
