@@ -1,0 +1,104 @@
+"""`cropi score` end to end: store + scores contract, zero-signal handling, resume, refusals."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from cropi import features, models, schema
+from cropi import score as S
+from cropi.cli import main
+
+
+def traj(n, seed, zero_every=5):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        rewards = rng.integers(0, 2, 4).astype(float).tolist()
+        if i % zero_every == 0:
+            rewards = [1.0] * 4  # all equal: zero signal
+        elif len(set(rewards)) == 1:
+            rewards[0] = 1 - rewards[0]
+        rows.append({"id": f"s{seed}-{i}", "prompt": f"{i} + {seed} =\n", "answer": str(i + seed), "task": "t",
+                     "difficulty": 0, "split": "train", "behavior": "x", "rewards": rewards,
+                     "responses": [f"Answer: {int(v)}" for v in rng.integers(0, 99, 4)]})
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, small_policy):
+    d = tmp_path_factory.mktemp("score")
+    models.save(small_policy.model, small_policy.tokenizer, d / "model", {"kind": "tiny"})
+    schema.write_parquet_atomic(traj(14, 0), d / "pool.parquet")
+    schema.write_parquet_atomic(traj(6, 1), d / "t1.parquet")
+    schema.write_parquet_atomic(traj(6, 2), d / "t2.parquet")
+    return d
+
+
+def run(setup, out, **kw):
+    cfg = S.ScoreConfig(k=64, shard_size=4, batch=3, **kw)
+    return S.score(setup / "pool.parquet", [setup / "t1.parquet", setup / "t2.parquet"], out, model=str(setup / "model"), cfg=cfg)
+
+
+def test_scores_contract_and_zero_signal_last(setup, tmp_path):
+    meta = run(setup, tmp_path / "s", check_rank=6)
+    scores = schema.read_table(tmp_path / "s" / "scores.parquet", "scores")
+    assert scores.column_names == ["id", "score", "score__t1", "score__t2", "rank", "pass_rate", "status"]
+    status = np.array(scores.column("status").to_pylist())
+    zero = status == "zero_signal"
+    assert zero.sum() == 3 and np.isnan(scores.column("score").to_numpy()[zero]).all()
+    ranks = scores.column("rank").to_numpy()
+    assert sorted(ranks) == list(range(1, 15)) and ranks[zero].min() > ranks[~zero].max()
+    # combined score = mean of the per-target cosines; rank follows it
+    ok = ~zero
+    s, t1, t2 = (scores.column(c).to_numpy() for c in ("score", "score__t1", "score__t2"))
+    assert np.allclose(s[ok], (t1[ok] + t2[ok]) / 2)
+    assert (np.argsort(-s[ok], kind="stable") == np.argsort(ranks[ok], kind="stable")).all()
+    feats, index = features.load(tmp_path / "s" / "features")
+    assert feats.shape == (14, 64) and not feats[zero].any()
+    assert (index.column("grad_norm").to_numpy()[zero] == 0).all()
+    assert meta["check_rank"]["n"] == 6 and meta["seed"] == 0 and meta["projector"]["kind"] == "sjlt"
+
+
+def test_killed_score_resumes_byte_identical(setup, tmp_path, monkeypatch):
+    run(setup, tmp_path / "full")
+    real, calls = S._shard_features, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the 2 + 2 target shards, the first pool shard dies
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "_shard_features", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path / "r")
+    assert not (tmp_path / "r" / "scores.parquet").exists()
+    monkeypatch.setattr(S, "_shard_features", real)
+    with pytest.raises(schema.InputError, match="--resume"):
+        run(setup, tmp_path / "r")  # a partial store is never silently mixed or overwritten
+    S.score(setup / "pool.parquet", [setup / "t1.parquet", setup / "t2.parquet"], tmp_path / "r", model=str(setup / "model"),
+            cfg=S.ScoreConfig(k=64, shard_size=4, batch=3), resume=True)
+    a, b = tmp_path / "full", tmp_path / "r"
+    assert (a / "scores.parquet").read_bytes() == (b / "scores.parquet").read_bytes()
+    for c in range(4):
+        assert features.shard_paths(a / "features", c)[0].read_bytes() == features.shard_paths(b / "features", c)[0].read_bytes()
+
+
+def test_mixed_projector_metadata_is_refused(setup, tmp_path):
+    run(setup, tmp_path / "a")
+    with pytest.raises(schema.InputError, match="projector k differs"):
+        S.score(setup / "pool.parquet", [setup / "t1.parquet"], tmp_path / "a", model=str(setup / "model"),
+                cfg=S.ScoreConfig(k=32, shard_size=4), resume=True)
+    run(setup, tmp_path / "b", seed=1)
+    with pytest.raises(schema.InputError, match="projector seed differs"):
+        features.check_compatible(tmp_path / "a" / "features", tmp_path / "b" / "features")
+
+
+def test_cli_refuses_a_prompts_file_as_target(setup, tmp_path):
+    p = tmp_path / "prompts.parquet"
+    schema.write_parquet_atomic(schema.prompt_columns(traj(3, 3)), p)
+    r = CliRunner().invoke(main, ["score", "--trajectories", str(setup / "pool.parquet"), "--target", str(p),
+                                  "--model", str(setup / "model"), "--k", "16", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "roll it out first" in r.output and "\n" not in r.output.strip()
+    assert not (tmp_path / "o").exists()
