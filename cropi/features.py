@@ -13,8 +13,6 @@ projector metadata match (``check_compatible``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +59,8 @@ def write_shard(store, c: int, feats: np.ndarray, index: pa.Table, dtype: str = 
     """Write shard ``c`` (features [n, k] and its index rows): .npy first, then the index, each
     via temp+rename; a shard counts as done only when both exist."""
     npy, idx = shard_paths(store, c)
-    fd, tmp = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=npy.parent)
-    with os.fdopen(fd, "wb") as f:
+    with schema.atomic_file(npy) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(feats, dtype=dtype))
-    os.replace(tmp, npy)
     schema.write_parquet_atomic(index.cast(schema.FEATURE_INDEX_SCHEMA), idx)
 
 
@@ -87,12 +83,16 @@ def read_meta(store) -> dict:
     return json.loads((Path(store) / "meta.json").read_text())
 
 
+def read_shard(store, c: int) -> tuple[np.ndarray, pa.Table]:
+    """(features memmap [n_c, k], index table) of shard ``c``."""
+    npy, idx = shard_paths(store, c)
+    return np.load(npy, mmap_mode="r"), pq.read_table(idx)
+
+
 def iter_shards(store):
     """Yield (features memmap [n_c, k], index table) per shard, in pool order."""
-    store = Path(store)
     for c in range(read_meta(store)["shards"]):
-        npy, idx = shard_paths(store, c)
-        yield np.load(npy, mmap_mode="r"), pq.read_table(idx)
+        yield read_shard(store, c)
 
 
 def load(store) -> tuple[np.ndarray, pa.Table]:

@@ -346,29 +346,33 @@ def _counts(values) -> dict:
 # ---------------------------------------------------------------------------- atomic writes
 
 
-def _tmp_beside(path: Path, suffix="") -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error
+    removed, so ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_parquet_atomic(table: pa.Table, path, metadata: dict | None = None) -> Path:
     """Write ``table`` to ``path`` via a temporary file + rename. ``metadata`` goes into the
     Parquet key-value metadata under b"cropi" as JSON (read back with :func:`read_cropi_meta`).
     Written without timestamps, so equal tables give byte-identical files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if metadata is not None:
         md = dict(table.schema.metadata or {})
         md[b"cropi"] = json.dumps(metadata, sort_keys=True).encode()
         table = table.replace_schema_metadata(md)
-    tmp = _tmp_beside(path)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def read_cropi_meta(path) -> dict:
@@ -394,15 +398,9 @@ def atomic_dir(path):
 
 
 def write_json_atomic(obj, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(path)
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def file_sha256(path) -> str:

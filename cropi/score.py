@@ -13,6 +13,7 @@ sums are all-reduced and rank 0 writes the scores.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -131,8 +132,8 @@ def compute_store(policy, prep: Prepared, store: Path, names, projector, cfg: Sc
     for c in range(rank, n_shards, world):
         lo, hi = c * cfg.shard_size, min(n, (c + 1) * cfg.shard_size)
         if F.shard_done(store, c):
-            feats = np.load(F.shard_paths(store, c)[0]).astype(np.float64)
-            status = F.pq.read_table(F.shard_paths(store, c)[1]).column("status").to_pylist()
+            feats, index = F.read_shard(store, c)
+            feats, status = np.asarray(feats, dtype=np.float64), index.column("status").to_pylist()
         else:
             feats, status = _shard_features(policy, prep, lo, hi, names, projector, cfg, pool_std, store, c)
         ok = np.array([s == "ok" for s in status])
@@ -181,7 +182,7 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
 # ---------------------------------------------------------------------------- the command
 
 
-def _target_names(paths) -> list[str]:
+def target_names(paths) -> list[str]:
     names = []
     for p in paths:
         base = Path(p).name.split(".")[0] or "target"
@@ -226,7 +227,7 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         if schema.detect_kind(t) != "trajectories":
             raise schema.InputError(p, None, "responses", "a target set needs responses and rewards: roll it out first (cropi rollout --prompts ...)")
         target_tables.append(schema.validate(t, "trajectories", p))
-    tnames = _target_names(targets)
+    tnames = target_names(targets)
     policy = policy or models.load(model, device=device)
     behavior = models.load(behavior_model, device=device) if behavior_model else None
     if behavior is not None and len(behavior.tokenizer) != len(policy.tokenizer):
@@ -234,15 +235,15 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     rmeta = rollout_meta(traj_path)
     grad_cfg = cfg.grad
     if "temperature" in rmeta and grad_cfg.temperature != rmeta["temperature"]:
-        grad_cfg = GradConfig(**{**grad_cfg.to_dict(), "temperature": rmeta["temperature"]})
-        cfg = ScoreConfig(**{**cfg.__dict__, "grad": grad_cfg})
+        grad_cfg = dataclasses.replace(grad_cfg, temperature=rmeta["temperature"])
+        cfg = dataclasses.replace(cfg, grad=grad_cfg)
     names = select_params(policy.model, grad_cfg.params)
     if cfg.projector == "kron":  # features cover Linear/Embedding weights only: score and check those alone
         projector = kron.KronProjector(policy.model, names, cfg.k, cfg.seed, dist=cfg.dist, device=policy.device)
         names = projector.names
     d = param_dim(policy.model, names)
     k = d if cfg.projector == "identity" else projector.k if cfg.projector == "kron" else cfg.k
-    cfg = ScoreConfig(**{**cfg.__dict__, "k": k})
+    cfg = dataclasses.replace(cfg, k=k)
     if cfg.projector != "kron":
         projector = make_projector(cfg.projector, d, k, cfg.seed, density=cfg.density, s=cfg.s, dist=cfg.dist,
                                    device=policy.device)

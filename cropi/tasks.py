@@ -55,14 +55,14 @@ _EXCLUDED = frozenset({
 # 51-115 characters per spec, answers 1-17). complex_arithmetic keeps to + and - because its
 # other operators print as non-ASCII symbols. The target families are a subset of the training
 # families; the held-out ones are other training families.
-_COMPLEX_ADD_SUB = "complex_arithmetic:difficulty={},operations_weights=0.5|0.5|0|0"
+COMPLEX_ADD_SUB = "complex_arithmetic:difficulty={},operations_weights=0.5|0.5|0|0"
 DEFAULT_TRAIN_SPECS = (
     *(f"basic_arithmetic:difficulty={d}" for d in (0, 1)),
     *(f"chain_sum:difficulty={d}" for d in (0, 1)),
     *(f"count_bits:difficulty={d}" for d in (0, 1, 2)),
     *(f"spell_backward:difficulty={d}" for d in (1, 2, 3)),
     "simple_equations:difficulty=0",
-    _COMPLEX_ADD_SUB.format(0),
+    COMPLEX_ADD_SUB.format(0),
 )
 # Chosen with the warmed tiny model (cropi/assets/tiny): the target families are those where it
 # sometimes succeeds (pass@8 0.4-0.7 at T=1) so RL has room; held-out families are the others.

@@ -21,7 +21,7 @@ from cropi.runtime import derive_seed, progress
 WARMUP_SPECS = (
     *(f"{t}:difficulty={d}" for t in ("basic_arithmetic", "chain_sum", "count_bits", "spell_backward") for d in (0, 1, 2)),
     *(f"simple_equations:difficulty={d}" for d in (0, 1)),
-    *(f"complex_arithmetic:difficulty={d},operations_weights=0.5|0.5|0|0" for d in (0, 1, 2)),
+    *(tasks.COMPLEX_ADD_SUB.format(d) for d in (0, 1, 2)),
 )
 
 
