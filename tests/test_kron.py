@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import synthetic
 import torch
 
 from cropi import models
@@ -21,18 +22,7 @@ def policy(small_policy):
 
 
 def make_prompts(n, G, seed):
-    """n prompts of G responses: (prompt ids, response ids, rewards with variance, behaviour log-probs)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        p = [1] + rng.integers(4, 100, rng.integers(3, 8)).tolist()
-        resps = [rng.integers(4, 100, rng.integers(1, 6)).tolist() + [2] for _ in range(G)]
-        rewards = rng.integers(0, 2, G).astype(float).tolist()
-        if len(set(rewards)) == 1:
-            rewards[0] = 1.0 - rewards[0]
-        blp = [(-rng.uniform(0.5, 5.0, len(r))).tolist() for r in resps]
-        out.append((p, resps, rewards, blp))
-    return out
+    return synthetic.prompts(n, G, seed, prompt_len=(3, 8), resp_len=(1, 6))
 
 
 def reference_grads(policy, p, resps, rewards, blp):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import synthetic
 import torch
 
 from cropi import models
@@ -22,17 +23,7 @@ def policy(small_policy):
 
 
 def make_prompts(n, G, seed, vary_len=True):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        p = [1] + rng.integers(4, 100, rng.integers(3, 9)).tolist()
-        resps = [rng.integers(4, 100, rng.integers(1, 7) if vary_len else 4).tolist() + [2] for _ in range(G)]
-        rewards = rng.integers(0, 2, G).astype(float).tolist()
-        if len(set(rewards)) == 1:
-            rewards[0] = 1.0 - rewards[0]
-        blp = [(-rng.uniform(0.5, 5.0, len(r))).tolist() for r in resps]
-        out.append((p, resps, rewards, blp))
-    return out
+    return synthetic.prompts(n, G, seed, vary_len=vary_len)
 
 
 def reference_grad(policy, p, resps, rewards, blp, names, aggregation="seq-mean-token-mean", clip=None):
