@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cropi.train.config import BATCH_MEAN_GROUP_STD
+
 MEANS = ("group", "batch")
 STDS = ("group", "batch", "none")
 
@@ -22,6 +24,8 @@ def group_advantages(
         mean: "group" subtracts each row's mean; "batch" the mean of all B*G rewards.
         std: "group" divides by each row's std, "batch" by the std of all B*G rewards
             (Lite PPO: mean="group", std="batch"), "none" does not divide (Dr. GRPO; eps unused).
+            mean="batch" with std="group" is refused: a group whose rewards are all equal has
+            std 0 but a non-zero batch-centred reward, which would be divided by eps alone.
             The std is the unbiased one (Bessel, n - 1), as ``torch.std`` in the GRPO
             implementations of TRL and verl.
         eps: added to the std, not to the variance (DESIGN §5: 1e-4). A group whose rewards are
@@ -36,6 +40,8 @@ def group_advantages(
         raise ValueError(f"mean must be one of {MEANS}, got {mean!r}")
     if std not in STDS:
         raise ValueError(f"std must be one of {STDS}, got {std!r}")
+    if mean == "batch" and std == "group":
+        raise ValueError(BATCH_MEAN_GROUP_STD)
     if mean == "group":
         centred = rewards - rewards.mean(dim=1, keepdim=True)
     else:

@@ -8,8 +8,16 @@ Typical recipes (field values):
 - GRPO:      adv_mean=group, adv_std=group, loss_agg=token-mean
 - Dr. GRPO:  adv_std=none, loss_agg=seq-mean-token-sum-norm (constant = max_new_tokens)
 - Lite PPO:  adv_mean=group, adv_std=batch, loss_agg=token-mean
-- DAPO:      clip_high=0.28, dynamic_sampling, overlong_penalty, loss_agg=token-mean
-- GSPO:      ratio_level=sequence, loss_agg=seq-mean-token-mean, clip_low=3e-4, clip_high=4e-4
+- DAPO:      clip_high=0.28, dynamic_sampling, overlong_penalty, loss_agg=token-mean, mu_updates>=2
+- GSPO:      ratio_level=sequence, loss_agg=seq-mean-token-mean, clip_low=3e-4, clip_high=4e-4,
+             mu_updates>=2
+
+The clip range and the ratio level act only from the second of `mu_updates` updates on: the
+first update's importance ratio is exactly 1 (old log-probs come from the same pass), so it is
+never clipped and a sequence ratio has the token ratio's gradient. `validate` therefore refuses
+clip_low, clip_high or ratio_level away from their defaults with mu_updates=1 (DAPO and GSPO
+take several mini-batch updates per generated batch). It also refuses adv_mean=batch with
+adv_std=group (see `advantages.group_advantages`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ RATIO_LEVELS = ("token", "sequence")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RL_PLUS_OMEGAS = ("one", "old")
 LR_SCHEDULES = ("constant", "cosine")
+BATCH_MEAN_GROUP_STD = (
+    "batch mean with group std divides an all-equal group's (non-zero) batch-centred rewards "
+    "by eps alone; use adv_std batch (whitening) or none, or adv_mean group"
+)
 
 
 def _opt(default, help: str, choices: tuple[str, ...] | None = None):
@@ -66,14 +78,17 @@ class TrainConfig:
     mu_updates: int = _opt(1, "Optimiser updates per generated batch (mu).")
     # sampling
     dynamic_sampling: bool = _opt(
-        False, "Drop groups whose rewards are all equal and refill from the shard."
+        False,
+        "Drop groups whose responses all pass or all fail (correctness, not penalty-shaped "
+        "rewards) and refill from the shard.",
     )
     max_refill: int = _opt(
         3, "Most extra generation rounds per step when dynamic sampling or VCRL refills."
     )
     vcrl: bool = _opt(
         False,
-        "VCRL: keep groups with normalised reward variance p >= vcrl_kappa; replay from a bank.",
+        "VCRL: keep groups whose normalised variance of correctness p >= vcrl_kappa; replay "
+        "from a bank.",
     )
     vcrl_kappa: float = _opt(0.8, "VCRL threshold on p = var / var_max, in [0, 1].")
     vcrl_bank_size: int = _opt(64, "VCRL memory bank capacity (groups).")
@@ -187,6 +202,17 @@ class TrainConfig:
         for name, ok, reason in checks:
             if not ok:
                 raise ValueError(f"{name}: {reason}, got {getattr(self, name)!r}")
+        if self.adv_mean == "batch" and self.adv_std == "group":
+            raise ValueError(f"adv_std: group with adv_mean batch is refused: {BATCH_MEAN_GROUP_STD}")
+        if self.mu_updates == 1:
+            defaults = TrainConfig.__dataclass_fields__
+            for name in ("clip_low", "clip_high", "ratio_level"):
+                if getattr(self, name) != defaults[name].default:
+                    raise ValueError(
+                        f"{name}: {getattr(self, name)!r} has no effect with mu_updates=1 (the only "
+                        f"update's importance ratio is exactly 1): set mu_updates >= 2 or leave "
+                        f"{name} at {defaults[name].default!r}"
+                    )
         return self
 
     def to_dict(self) -> dict:

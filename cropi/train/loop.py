@@ -387,16 +387,23 @@ def rollout_groups(
     ]
 
 
+def passed(groups: list[Group]) -> np.ndarray:
+    """Correctness of each response, float64 [n_groups, G]: 1 where the task reward (before any
+    overlong penalty) is >= schema.PASS_THRESHOLD, else 0."""
+    return np.array([[r >= schema.PASS_THRESHOLD for r in grp.raw] for grp in groups], dtype=np.float64)
+
+
 def collect(policy: models.Policy, stage: Stage, cfg: TrainConfig, gen: torch.Generator):
     """Generate this step's groups. Returns (groups to train on, every generated group, info).
 
-    Dynamic sampling / VCRL drop groups (no reward variance / p < kappa) and refill at most
-    `max_refill` times; VCRL then tops the batch up with replays from its bank (fresh samples)."""
+    Dynamic sampling / VCRL drop groups (all pass or all fail / p < kappa, both on correctness,
+    not on penalty-shaped rewards) and refill at most `max_refill` times; VCRL then tops the
+    batch up with replays from its bank (fresh samples of groups not already in the batch)."""
     calls: list[list[Group]] = []
 
-    def generate(indices):
+    def generate(indices):  # filters see correctness, as DAPO's `acc`: never the penalty-shaped reward
         calls.append(rollout_groups(policy, stage, indices, cfg, gen))
-        return np.array([grp.rewards for grp in calls[-1]], dtype=np.float64)
+        return passed(calls[-1])
 
     def keep(rewards):
         ok = np.ones(len(rewards), dtype=bool)
@@ -418,10 +425,9 @@ def collect(policy: models.Policy, stage: Stage, cfg: TrainConfig, gen: torch.Ge
     replayed = 0
     if cfg.vcrl and len(kept) < cfg.batch_prompts:
         present = {grp.row for grp in kept}
-        keys = [k for k in stage.bank.replay(cfg.batch_prompts - len(kept)) if k not in present]
+        keys = stage.bank.replay(cfg.batch_prompts - len(kept), exclude=present)
         if keys:
-            rewards = generate(np.asarray(keys, dtype=np.int64))
-            stage.bank.offer(keys, rewards)
+            stage.bank.offer(keys, generate(np.asarray(keys, dtype=np.int64)))
             kept = kept + calls[-1]
             replayed = len(keys)
     generated = [grp for call in calls for grp in call]

@@ -82,14 +82,21 @@ def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     return torch.exp(torch.where(keep, st, torch.zeros_like(st)))
 
 
+KL_LOG_RATIO_CAP = 20.0  # |ref - logp| is clamped to this before exp (verl's low_var_kl)
+KL_K3_CAP = 10.0  # and the k3 value to [-this, this]
+
+
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Schulman's k3 estimate of KL(pi_theta || pi_ref) per sampled token: e^x - x - 1, x = ref - logp.
 
     Non-negative, 0 iff the two log-probs are equal; gradient flows through logp only if ref_logp
-    is detached by the caller (the reference is frozen). Returns float [N, L] (nats).
+    is detached by the caller (the reference is frozen). Bounded as verl's ``low_var_kl``: x is
+    clamped to +-KL_LOG_RATIO_CAP and the result to +-KL_K3_CAP, so a token the reference finds
+    far likelier (x > 88 overflows float32's exp) gives 10, not inf; where a clamp is active the
+    token's KL term has no gradient. Returns float [N, L] (nats).
     """
-    x = ref_logp - logp
-    return torch.exp(x) - x - 1
+    x = (ref_logp - logp).clamp(-KL_LOG_RATIO_CAP, KL_LOG_RATIO_CAP)
+    return (torch.exp(x) - x - 1).clamp(-KL_K3_CAP, KL_K3_CAP)
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:

@@ -133,8 +133,9 @@ class VCRLBank:
       p < kappa it leaves the bank (it is no longer a high-value group);
     - when full, a new entry evicts the lowest-p entry (ties: the oldest) if its own p is
       higher; otherwise it is not admitted;
-    - `replay(n)` returns up to n distinct keys, highest p first (ties: the oldest), and counts
-      one replay for each; an entry that reaches `max_replay` replays leaves the bank.
+    - `replay(n, exclude)` returns up to n distinct keys not in `exclude`, highest p first (ties:
+      the oldest), and counts one replay for each; an entry that reaches `max_replay` replays
+      leaves the bank.
     So the bank never holds more than `capacity` entries and no entry is replayed more than
     `max_replay` times during one stay.
     """
@@ -191,11 +192,16 @@ class VCRLBank:
         self._entries[key] = [p, 0, self._clock]
         self._clock += 1
 
-    def replay(self, n: int) -> list[int]:
-        """Up to n banked keys to train on again (highest p first); counts one replay each."""
-        order = sorted(self._entries, key=lambda k: (-self._entries[k][0], self._entries[k][2]))[
-            : max(n, 0)
-        ]
+    def replay(self, n: int, exclude: Iterable[int] = ()) -> list[int]:
+        """Up to n banked keys to train on again (highest p first); counts one replay each.
+
+        Keys in `exclude` (e.g. groups already in this step's batch) are passed over: they are
+        neither returned nor counted, so they stay in the bank for a later replay."""
+        skip = {int(k) for k in exclude}
+        order = sorted(
+            (k for k in self._entries if k not in skip),
+            key=lambda k: (-self._entries[k][0], self._entries[k][2]),
+        )[: max(n, 0)]
         for key in order:
             self._entries[key][1] += 1
             if self._entries[key][1] >= self.max_replay:
