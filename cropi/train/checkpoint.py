@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cropi import models
-from cropi.schema import atomic_dir
+from cropi.schema import InputError, atomic_dir
 
 TRAINER_STATE = "trainer_state.pt"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -80,5 +80,16 @@ def save(run_dir, step: int, policy: models.Policy, state: dict, info: dict | No
 
 
 def load_state(path) -> dict:
-    """The trainer state of a checkpoint folder (tensors on CPU); RNG states are not applied."""
-    return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    """The trainer state of a checkpoint folder (tensors on CPU); RNG states are not applied.
+
+    A file that is not a trainer state (garbage, a truncated zip, a pickle of arbitrary objects,
+    which weights_only refuses to unpickle) raises InputError naming it."""
+    file = Path(path) / TRAINER_STATE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or zip errors here
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(file, None, None, f"not a readable cropi trainer state ({why[:200]})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise InputError(file, None, None, "not a cropi trainer state (no step recorded)")
+    return state

@@ -697,14 +697,29 @@ def _eval(
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the metrics rows of steps <= last_step (a resumed run rewrites what follows)."""
+    """Keep the metrics rows of steps <= last_step (a resumed run rewrites what follows).
+
+    A torn last line (a kill while a row was written) is dropped: rows are written before the
+    checkpoint of their step, so a torn row always belongs to a step after the last checkpoint.
+    An unreadable row anywhere else raises InputError naming the file and line."""
     if not path.exists():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
+    lines = path.read_text(errors="replace").splitlines()
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int):
+            if i == len(lines) - 1:
+                break
+            raise schema.InputError(path, None, None, f"line {i + 1}: not a metrics row")
+        if step <= last_step:
+            keep.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
