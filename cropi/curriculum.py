@@ -59,13 +59,16 @@ def next_stage_dir(curriculum_dir) -> Path:
     return Path(curriculum_dir) / f"stage-{max(stages, default=-1) + 1:03d}"
 
 
-def write_stage(curriculum_dir, rows: pa.Table, manifest: dict) -> Path:
-    """Append `rows` as the next stage, with `manifest` plus its "stage" index. Atomic: the
-    stage is written to a hidden temporary directory and renamed. Returns the stage dir."""
+def write_stage(curriculum_dir, rows: pa.Table, manifest: dict, stage: int | None = None) -> Path:
+    """Append `rows` as the next stage (or as stage number `stage`, which must not exist yet),
+    with `manifest` plus its "stage" index. Atomic: the stage is written to a hidden temporary
+    directory and renamed. Returns the stage dir."""
     root = Path(curriculum_dir)
     root.mkdir(parents=True, exist_ok=True)
     for _ in range(10):  # another writer may claim the same index between scan and rename
-        final = next_stage_dir(root)
+        final = next_stage_dir(root) if stage is None else root / f"stage-{stage:03d}"
+        if stage is not None and final.exists():
+            raise InputError(final, None, None, "exists already: stages are never rewritten")
         stage = int(STAGE_RE.match(final.name).group(1))
         full = {**manifest, "stage": stage}
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
@@ -206,6 +209,7 @@ def make_stage(
     exclude_previous: bool = False,
     stratify: str | None = None,
     checkpoint: str | None = None,
+    stage: int | None = None,
     **params,
 ) -> Path:
     """Select the next stage from a scored (popi) or unscored pool and append it to `out`.
@@ -215,7 +219,8 @@ def make_stage(
     (variance), `band` = (lo, hi) (pass-band). The stage size is `stage_size(distinct
     prompts in the pool, ratio, n)`; `exclude_previous` removes prompts (by id or text)
     chosen in earlier stages before selecting, without shrinking that size. `checkpoint`
-    overrides the one named in the scores' meta.json. Returns the new stage directory.
+    overrides the one named in the scores' meta.json. `stage` writes that stage number instead
+    of the next one. Returns the new stage directory.
     Raises InputError (nothing written) on bad parameters, bad files or an empty selection.
     """
     unknown = set(params) - {"kappa", "band"}
@@ -264,7 +269,7 @@ def make_stage(
         "mean_score": _finite_mean(rows.column("score")) if "score" in rows.column_names else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return write_stage(out, rows, manifest)
+    return write_stage(out, rows, manifest, stage)
 
 
 def show(curriculum_dir) -> str:

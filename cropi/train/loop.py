@@ -9,6 +9,7 @@ and `samplers`; this module only wires it.
     RUN/metrics.jsonl          one {"event": "train", ...} row per step, {"event": "eval", ...} rows
     RUN/checkpoints/step-N/    HF save_pretrained + trainer_state.pt (see `checkpoint`)
     RUN/eval/step-N.json       full eval results;  RUN/scores/stage-S/  --rescore scores
+    RUN/curriculum/stage-S/    stages --rescore selected (the input curriculum is never written)
     RUN/plots/curves.png       curves;             RUN/tb/  TensorBoard events (when installed)
 
 Train row fields: reward_mean / reward_std (task rewards of every response generated this step,
@@ -88,6 +89,7 @@ class RunSpec:
     ratio: float = 0.1
     projector: str = "sjlt"
     k: int = 8192
+    combine: str = "mean"
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -248,13 +250,24 @@ def demonstration(policy: models.Policy, row: dict) -> list[int]:
     ]
 
 
+def stage_source(spec: RunSpec, run_dir: Path, s: int) -> Path | None:
+    """The curriculum folder that holds stage `s` for this run: the run's own RUN/curriculum
+    (stages --rescore made) first, then the input curriculum; None when neither has it."""
+    for root in (Path(run_dir) / "curriculum", Path(spec.curriculum)):
+        if s in curriculum.stage_dirs(root):
+            return root
+    return None
+
+
 def open_stage(
     s: int, spec: RunSpec, policy: models.Policy, run_dir: Path, checkpoint_name: str
 ) -> Stage:
     """Stage `s` of the curriculum; with --rescore, first create it when it is missing by
-    scoring the offline pool with the current policy (RUN/scores/stage-SSS/) and selecting."""
+    scoring the offline pool with the current policy (RUN/scores/stage-SSS/) and selecting
+    into RUN/curriculum/stage-SSS (the input curriculum is only read)."""
     cfg = spec.train
-    if s not in curriculum.stage_dirs(spec.curriculum) and spec.rescore:
+    src = stage_source(spec, run_dir, s)
+    if src is None and spec.rescore:
         from cropi.score import ScoreConfig, score
 
         sdir = run_dir / "scores" / f"stage-{s:03d}"
@@ -265,24 +278,19 @@ def open_stage(
             model=checkpoint_name,
             policy=dataclasses.replace(policy, path=checkpoint_name),  # recorded as "checkpoint"
             overwrite=True,
-            cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg.seed),
+            cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg.seed, combine=spec.combine),
         )
-        made = curriculum.make_stage(
+        src = run_dir / "curriculum"
+        curriculum.make_stage(
             scores_dir=sdir,
             selector=spec.selector,
             ratio=spec.ratio,
             seed=cfg.seed,
-            out=spec.curriculum,
+            out=src,
             checkpoint=checkpoint_name,
+            stage=s,
         )
-        if made.name != f"stage-{s:03d}":
-            raise schema.InputError(
-                spec.curriculum,
-                None,
-                "stage",
-                f"--rescore made {made.name} for stage {s}: the stages are not numbered 0, 1, ...",
-            )
-    table, manifest = curriculum.read_stage(spec.curriculum, s)
+    table, manifest = curriculum.read_stage(src or spec.curriculum, s)
     rows = schema.prompt_columns(table).to_pylist()
     bank = VCRLBank(cfg.vcrl_bank_size, cfg.vcrl_kappa, cfg.vcrl_max_replay) if cfg.vcrl else None
     rlve = None
@@ -823,7 +831,8 @@ def train(
             "already holds a run: pass --resume to continue it or choose another --run",
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    with schema.atomic_file(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
 
     info_file = Path(str(models.resolve(spec.model))) / "cropi.json"
     base_info = json.loads(info_file.read_text()) if info_file.exists() else {}
