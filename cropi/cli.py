@@ -280,8 +280,10 @@ from cropi.train.config import click_options as _train_options  # noqa: E402
 
 
 @main.command("train")
+@click.argument("overrides", nargs=-1)
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-              help="YAML in a run's config.yaml layout (run options + a `train:` section); flags override it.")
+              help="YAML in a run's config.yaml layout (run options + a `train:` section); KEY=VALUE "
+                   "OVERRIDES (e.g. train.lr=1e-3) and flags override it.")
 @click.option("--curriculum", "curriculum_dir", type=click.Path(path_type=Path), default=None,
               help="Curriculum folder (stage-000, stage-001, ...).")
 @click.option("--model", default=None, help=MODEL_HELP + " [default: tiny]")
@@ -304,8 +306,8 @@ from cropi.train.config import click_options as _train_options  # noqa: E402
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this global step with a checkpoint (continue with --resume).")
 @_train_options
-def train_cmd(config_file, curriculum_dir, model, targets, heldout, run_dir, resume, rescore, trajectories, selector, ratio,
-          projector, k, device, max_steps, **options):
+def train_cmd(overrides, config_file, curriculum_dir, model, targets, heldout, run_dir, resume, rescore, trajectories,
+          selector, ratio, projector, k, device, max_steps, **options):
     """GRPO on the curriculum, stage by stage: metrics, checkpoints, eval, plots in RUN/."""
     import time
 
@@ -317,8 +319,8 @@ def train_cmd(config_file, curriculum_dir, model, targets, heldout, run_dir, res
         run_dir = Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     run_options = dict(curriculum=curriculum_dir, model=model, targets=targets, heldout=heldout, rescore=rescore,
                        trajectories=trajectories, selector=selector, ratio=ratio, projector=projector, k=k)
-    spec = loop.resolve_spec(run_dir, resume=resume, config_file=config_file, run_options=run_options,
-                             train_options=options)
+    spec = loop.resolve_spec(run_dir, resume=resume, config_file=config_file, overrides=overrides,
+                             run_options=run_options, train_options=options)
     summary = loop.train(run_dir, spec, resume=resume, max_steps=max_steps, device=device)
     click.echo(json.dumps(summary))
     if summary["stopped"]:
@@ -342,19 +344,28 @@ def eval_cmd(model, targets, n_samples, temperature, max_new_tokens, seed, devic
     report = run_eval(model, list(targets), n_samples=n_samples, temperature=temperature,
                       max_new_tokens=max_new_tokens, seed=seed, device=default_device(device), out=out)
     click.echo(json.dumps(report))
+from cropi.config import METHODS as RUN_METHODS  # noqa: E402
+
+
 @main.command("run")
 @click.argument("config", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="Output folder (default: runs/NAME).")
-@click.option("--method", "methods", multiple=True, help="Only these methods (default: the config's compare.methods).")
-@click.option("--seed", "seeds", type=int, multiple=True, help="Only these seeds (default: the config's compare.seeds).")
-def run_cmd(config, root, methods, seeds):
+@click.option("--method", "methods", type=click.Choice(RUN_METHODS), multiple=True,
+              help="Only these methods (default: the config's compare.methods).")
+@click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True,
+              help="Only these seeds (default: the config's compare.seeds).")
+def run_cmd(config, overrides, root, methods, seeds):
     """The whole loop from a YAML config: data, offline rollout, score/select/train per stage, and
-    the baselines beside CROPI on the same budget. Finished parts are skipped; a killed run resumes."""
+    the baselines beside CROPI on the same budget. Finished parts are skipped; a killed run resumes.
+
+    OVERRIDES are KEY=VALUE pairs on the config's dotted keys, values read as YAML, e.g.
+    `train.lr=1e-3 compare.seeds=[0]`. ROOT/config.yaml receives the resolved config."""
     from pipelines import compare, cropi_loop
 
-    cfg = cropi_loop.load_config(config)
+    cfg = cropi_loop.load_config(config, overrides)
     root = root or Path("runs") / cfg["name"]
-    runs = cropi_loop.run(config, root, list(methods) or None, list(seeds) or None)
+    runs = cropi_loop.run(cfg, root, list(methods) or None, list(seeds) or None)
     comp = compare.summarize(root, runs)
     click.echo(compare.table(comp))
     click.echo(f"\nwrote {root}/comparison.md, {root}/comparison.json, {root}/comparison.png")

@@ -26,15 +26,14 @@ import json
 import time
 from pathlib import Path
 
-import yaml
 
-from cropi import curriculum, models, schema, tasks
+from cropi import config, curriculum, models, schema, tasks
 from cropi.rollout import rollout
 from cropi.runtime import derive_seed
 from cropi.train.config import TrainConfig
 from cropi.train.loop import RunSpec, train
 
-METHODS = ("full", "random", "learnability", "vcrl", "cropi")
+METHODS = config.METHODS
 DEFAULT_SPECS = {
     "pool": tasks.DEFAULT_TRAIN_SPECS,
     "targets": tasks.DEFAULT_TARGET_SPECS,
@@ -42,24 +41,10 @@ DEFAULT_SPECS = {
 }
 
 
-def load_config(path) -> dict:
-    """A run config (configs/*.yaml) as a dict, with ``name`` defaulting to the file's stem."""
-    path = Path(path)
-    if not path.exists():
-        raise schema.InputError(path, None, None, "no such file")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(cfg, dict):
-        raise schema.InputError(path, None, None, "must be a YAML mapping")
-    cfg.setdefault("name", path.stem)
-    for key in ("data", "rollout", "train"):
-        if not isinstance(cfg.get(key, {}), dict):
-            raise schema.InputError(path, None, key, "must be a mapping")
-    methods = cfg.get("compare", {}).get("methods", ["cropi"])
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise schema.InputError(path, None, "compare.methods", f"unknown method {bad[0]!r} (known: {', '.join(METHODS)})")
-    TrainConfig.from_dict(cfg.get("train", {})).validate()
-    return cfg
+def load_config(path, overrides=()) -> dict:
+    """A run config (configs/*.yaml) with `key=value` overrides, validated and resolved (every
+    key present, see `cropi.config.run_layout`); ``name`` defaults to the file's stem."""
+    return config.load_run(path, overrides)
 
 
 def _specs(value, group: str) -> list[str]:
@@ -74,8 +59,8 @@ def prepare_data(cfg: dict, root: Path) -> dict:
     of the same families ("tests", the targeted accuracy) and of other families ("heldout").
     Returns paths: {"pool", "pool_traj", "targets": {name: traj}, "tests": {name: prompts},
     "heldout": {name: prompts}}."""
-    data, ro = cfg.get("data", {}), cfg.get("rollout", {})
-    seed, model = int(cfg.get("seed", 0)), cfg.get("model", models.TINY)
+    data, ro = cfg["data"], cfg["rollout"]
+    seed, model = cfg["seed"], cfg["model"]
     d = root / "data"
 
     def prompts(path: Path, specs, n, split, s):
@@ -87,20 +72,20 @@ def prepare_data(cfg: dict, root: Path) -> dict:
     def traj(prompts_path: Path, s: int) -> Path:
         out = prompts_path.with_name(prompts_path.name.replace(".parquet", ".traj.parquet"))
         if not out.exists():
-            rollout(prompts_path, out, model=model, n=int(ro.get("n", 8)), temperature=float(ro.get("temperature", 1.0)),
-                    max_new_tokens=int(ro.get("max_new_tokens", 16)), seed=s, resume=True, device=cfg.get("device", "cpu"))
+            rollout(prompts_path, out, model=model, n=ro["n"], temperature=ro["temperature"],
+                    max_new_tokens=ro["max_new_tokens"], seed=s, resume=True, device=cfg["device"])
         return out
 
-    pool = prompts(d / "pool.parquet", _specs(data.get("pool"), "pool"), int(data.get("pool_per_spec", 60)), "train", seed)
+    pool = prompts(d / "pool.parquet", _specs(data["pool"], "pool"), data["pool_per_spec"], "train", seed)
     out = {"pool": pool, "pool_traj": traj(pool, derive_seed(seed, "rollout", "pool")), "targets": {}, "tests": {}, "heldout": {}}
-    per = {"targets": int(data.get("target_per_spec", 30)), "heldout": int(data.get("heldout_per_spec", 30))}
-    for name, specs in (data.get("targets") or {"target": "default"}).items():
+    per = {"targets": data["target_per_spec"], "heldout": data["heldout_per_spec"]}
+    for name, specs in data["targets"].items():
         specs = _specs(specs, "targets")
         p = prompts(d / "targets" / f"{name}.parquet", specs, per["targets"], "val", derive_seed(seed, "targets", name))
         out["targets"][name] = traj(p, derive_seed(seed, "rollout", "targets", name))
         out["tests"][f"{name}_test"] = prompts(d / "tests" / f"{name}_test.parquet", specs, per["targets"], "test",
                                                derive_seed(seed, "tests", name))
-    for name, specs in (data.get("heldout") or {"heldout": "default"}).items():
+    for name, specs in data["heldout"].items():
         out["heldout"][name] = prompts(d / "heldout" / f"{name}.parquet", _specs(specs, "heldout"), per["heldout"], "test",
                                        derive_seed(seed, "heldout", name))
     return out
@@ -108,22 +93,23 @@ def prepare_data(cfg: dict, root: Path) -> dict:
 
 def _spec(cfg: dict, method: str, seed: int, data: dict, cur: Path) -> RunSpec:
     """The trainer's RunSpec for one method: same budget for all, shapes per method."""
-    tc = TrainConfig.from_dict({**cfg.get("train", {}), "seed": seed})
+    tc = TrainConfig.from_dict({**cfg["train"], "seed": seed})
     stages, steps = tc.stages, tc.steps_per_stage
     if method in ("full", "vcrl"):  # one stage holding the whole pool, same number of steps
         tc = dataclasses.replace(tc, stages=1, steps_per_stage=stages * steps, vcrl=(method == "vcrl"))
-    sc = cfg.get("score", {})
+    sc = cfg["score"]
     return RunSpec(
         curriculum=str(cur),
-        model=cfg.get("model", models.TINY),
+        model=cfg["model"],
         targets=[str(p) for p in data["targets"].values()],
         heldout=[str(p) for p in [*data["tests"].values(), *data["heldout"].values()]],
         rescore=(method == "cropi"),
         trajectories=str(data["pool_traj"]),
         selector="popi",
-        ratio=float(cfg.get("select", {}).get("ratio", 0.1)),
-        projector=sc.get("projector", "sjlt"),
-        k=int(sc.get("k", 8192)),
+        ratio=cfg["select"]["ratio"],
+        projector=sc["projector"],
+        k=sc["k"],
+        combine=sc["combine"],
         train=tc,
     )
 
@@ -144,11 +130,9 @@ def make_curriculum(method: str, cfg: dict, seed: int, data: dict, cur: Path, sp
             # θ_0 and the offline data are the same for every seed: score stage 0 once
             sdir = Path(data["pool_traj"]).parent / "scores-stage-0"
             if not (sdir / "meta.json").exists():
-                sc = cfg.get("score", {})
                 score(data["pool_traj"], list(data["targets"].values()), sdir, model=spec.model, resume=sdir.exists(),
-                      cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=int(cfg.get("seed", 0)),
-                                      combine=sc.get("combine", "mean")),
-                      device=cfg.get("device", "cpu"))
+                      cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg["seed"], combine=spec.combine),
+                      device=cfg["device"])
             curriculum.make_stage(scores_dir=sdir, selector="popi", ratio=ratio, out=cur, seed=seed)
         return
     for s in range(len(have), spec.train.stages):
@@ -173,22 +157,25 @@ def run_method(cfg: dict, method: str, seed: int, data: dict, root: Path) -> Pat
         import shutil
 
         shutil.rmtree(run)
-    result = train(run, spec, resume=resume, device=cfg.get("device", "cpu"))
+    result = train(run, spec, resume=resume, device=cfg["device"])
     schema.write_json_atomic({"method": method, "seed": seed, "seconds": round(time.time() - t0, 1), **result}, done)
     return base
 
 
-def run(config, root=None, methods=None, seeds=None) -> dict:
-    """`cropi run CONFIG`: prepare data once, then every method × seed. Returns {method: [dirs]}."""
-    cfg = load_config(config)
+def run(cfg, root=None, methods=None, seeds=None, overrides=()) -> dict:
+    """`cropi run CONFIG`: prepare data once, then every method × seed. `cfg` is a config path
+    (read with `overrides`) or a resolved config. The resolved config is written to
+    ROOT/config.yaml; a ROOT made with other settings is refused. Returns {method: [dirs]}."""
+    if not isinstance(cfg, dict):
+        cfg = load_config(cfg, overrides)
     root = Path(root or Path("runs") / cfg["name"])
+    config.check_same(root / "config.yaml", cfg, config.run_layout(), free=("compare", "device"))
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    models.resolve(cfg.get("model", models.TINY))  # build + warm the tiny default if needed
+    config.dump(cfg, root / "config.yaml")
+    models.resolve(cfg["model"])  # build + warm the tiny default if needed
     data = prepare_data(cfg, root)
-    comp = cfg.get("compare", {})
-    methods = methods or comp.get("methods", ["cropi"])
-    seeds = seeds if seeds is not None else comp.get("seeds", [cfg.get("seed", 0)])
+    methods = methods or cfg["compare"]["methods"]
+    seeds = seeds or cfg["compare"]["seeds"]
     out: dict = {}
     for seed in seeds:
         for m in methods:

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import yaml
 
-from cropi import curriculum, models, schema, tasks
+from cropi import config, curriculum, models, schema, tasks
 from cropi.evaluate import evaluate, load_set, set_names
 from cropi.runtime import derive_seed, progress
 from cropi.train import checkpoint as ckpt
@@ -126,41 +126,47 @@ class RunSpec:
 
 
 def resolve_spec(
-    run_dir, *, resume: bool, config_file=None, run_options: dict, train_options: dict
+    run_dir, *, resume: bool, config_file=None, overrides=(), run_options: dict, train_options: dict
 ) -> RunSpec:
-    """The RunSpec of `cropi train`.
+    """The RunSpec of `cropi train`, checked by `cropi.config.train_layout()`.
 
-    Fresh run: `config_file` (a config.yaml layout; optional) overlaid with the options given
-    (None = not given). Resume: RUN/config.yaml; options given must equal its values.
+    Fresh run: `config_file` (a config.yaml layout; optional) with `key=value` `overrides`, then
+    the options given (None = not given). Resume: RUN/config.yaml; a config file, overrides and
+    options given must equal its values.
     """
     given_run = {k: v for k, v in run_options.items() if v is not None and v != ()}
     given_train = {k: v for k, v in train_options.items() if v is not None}
+    for key in ("targets", "heldout"):
+        if key in given_run:
+            given_run[key] = [str(p) for p in given_run[key]]
+    for key in ("curriculum", "trajectories"):
+        if key in given_run:
+            given_run[key] = str(given_run[key])
+    over = config.parse_overrides(overrides)
+    flags = {**given_run, "train": given_train}
+    sources = {**config.override_sources(over), **config.override_sources(flags, "options")}
+    given = config.merge(config.read_yaml(config_file) if config_file else {}, over, flags)
+    layout = config.train_layout()
     if resume:
         path = Path(run_dir) / "config.yaml"
         if not path.exists():
             raise schema.InputError(path, None, None, "no such file: nothing to resume")
-        saved = RunSpec.from_dict(yaml.safe_load(path.read_text()) or {}, path)
+        saved = RunSpec.from_dict(config.resolve(config.read_yaml(path), layout, path), path)
         want = RunSpec.from_dict(
-            {**saved.to_dict(), **given_run, "train": {**saved.train.to_dict(), **given_train}},
+            config.resolve(config.merge(saved.to_dict(), given), layout, config_file or "--resume", sources),
             "--resume",
         )
         old, new = saved.to_dict(), want.to_dict()
         pairs = [(k, new[k], old[k]) for k in old if k != "train"]
         pairs += [(k, new["train"][k], old["train"][k]) for k in old["train"]]
-        for name, given, had in pairs:
-            if given != had:
+        for name, value, had in pairs:
+            if value != had:
                 raise schema.InputError(
-                    path, None, name, f"--resume: given {given!r}, but the run has {had!r}"
+                    path, None, name, f"--resume: given {value!r}, but the run has {had!r}"
                 )
         return saved
-    base: dict = {}
-    if config_file is not None:
-        base = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(base, dict):
-            raise schema.InputError(config_file, None, None, "must be a YAML mapping")
     return RunSpec.from_dict(
-        {**base, **given_run, "train": {**(base.get("train") or {}), **given_train}},
-        config_file or "options",
+        config.resolve(given, layout, config_file or "options", sources), config_file or "options"
     )
 
 
