@@ -40,10 +40,11 @@ def test_cropi_run_smoke(tmp_path, tiny_policy):
     assert traj.num_rows == 24 and "behavior_logprobs" in traj.column_names
     schema.read_table(root / "data" / "targets" / "target.traj.parquet", "trajectories")
     # cropi: a stage per stage, each scored by the checkpoint before it
-    cur = root / "cropi-s0" / "curriculum"
-    assert sorted(curriculum.stage_dirs(cur)) == [0, 1]
+    cur = root / "cropi-s0" / "curriculum"  # stage 0 (θ_0's scores); later stages in the run's own
+    assert sorted(curriculum.stage_dirs(cur)) == [0]
+    assert sorted(curriculum.stage_dirs(root / "cropi-s0" / "run" / "curriculum")) == [1]
     for s in (0, 1):
-        rows, manifest = curriculum.read_stage(cur, s)
+        rows, manifest = curriculum.read_stage(cur if s == 0 else root / "cropi-s0" / "run" / "curriculum", s)
         assert manifest["selector"] == "popi" and rows.num_rows == 6
         sdir = root / "data" / "scores-stage-0" if s == 0 else root / "cropi-s0" / "run" / "scores" / f"stage-{s:03d}"
         scores = schema.read_table(sdir / "scores.parquet", "scores")
@@ -59,6 +60,9 @@ def test_cropi_run_smoke(tmp_path, tiny_policy):
         assert any(x["event"] == "eval" for x in rows)
         assert (run / "config.yaml").exists() and (run / "plots" / "curves.png").exists()
         assert (root / f"{method}-s0" / "done.json").exists()
+    resolved = yaml.safe_load((root / "config.yaml").read_text())  # defaults filled in
+    assert resolved["rollout"] == {"n": 4, "temperature": 1.0, "max_new_tokens": 12}
+    assert resolved["train"]["lr"] == 1e-4 and resolved["compare"]["seeds"] == [0]
     comp = json.loads((root / "comparison.json").read_text())
     assert set(comp["methods"]) == {"full", "random", "cropi"}
     assert (root / "comparison.png").stat().st_size > 1000

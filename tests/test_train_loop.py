@@ -301,10 +301,11 @@ def test_rescore_creates_each_stage_by_score_and_select(data, rollouts):
     assert summary["step"] == 4 and summary["stage"] == 1
     rows = [r for r in read_metrics(run / "metrics.jsonl") if r["event"] == "train"]
     assert [(r["step"], r["stage"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1)]
-    assert sorted(curriculum.stage_dirs(cur)) == [0, 1]
+    assert not cur.exists()  # the input curriculum is only read; the run's stages are its own
+    assert sorted(curriculum.stage_dirs(run / "curriculum")) == [0, 1]
     step2 = str(run / "checkpoints" / "step-2")
     for s, made_by in [(0, models.TINY), (1, step2)]:
-        table, manifest = curriculum.read_stage(cur, s)
+        table, manifest = curriculum.read_stage(run / "curriculum", s)
         meta = json.loads((run / "scores" / f"stage-{s:03d}" / "meta.json").read_text())
         assert manifest["checkpoint"] == made_by and meta["checkpoint"] == made_by
         assert manifest["selector"] == "popi" and table.num_rows == 4  # 25 % of 16
@@ -324,7 +325,7 @@ def test_more_stages_than_the_curriculum_holds_needs_rescore(data):
 # ---------------------------------------------------------------------------- every option, one step
 
 NON_DEFAULT = {  # option -> (value, options it needs)
-    "adv_mean": ("batch", {}),
+    "adv_mean": ("batch", {"adv_std": "batch"}),
     "adv_std": ("none", {}),
     "adv_eps": (0.01, {}),
     "clip_low": (0.1, {"mu_updates": 2}),
