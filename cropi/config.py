@@ -217,7 +217,8 @@ def _type_name(typ) -> str:
     if typ is Specs:
         return "task specs (default or a list of NAME[:key=value,...])"
     if origin is list:
-        return f"a list of {_type_name(args[0])}"
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a list of {plural.get(args[0], _type_name(args[0]))}"
     if origin is dict:
         return f"a mapping of names to {_type_name(args[1])}"
     if origin in (typing.Union, types.UnionType):
@@ -445,11 +446,11 @@ METHODS = ("full", "random", "learnability", "vcrl", "cropi")
 
 
 def _run_checks(cfg: dict) -> None:
-    if cfg["train"]["stages"] < 1:
-        raise ConfigError("train.stages", "must be >= 1 in a run config (every method trains this many)")
     for name in cfg["data"]["heldout"]:
         if name.endswith("_test"):
             raise ConfigError(f"data.heldout.{name}", "names ending in _test are the targeted test sets; rename it")
+    if cfg["train"]["stages"] < 1:
+        raise ConfigError("train.stages", "must be >= 1 in a run config (every method trains this many)")
     if cfg["compare"]["seeds"] is None:
         cfg["compare"]["seeds"] = [cfg["seed"]]
 
