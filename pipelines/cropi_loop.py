@@ -26,7 +26,6 @@ import json
 import time
 from pathlib import Path
 
-
 from cropi import config, curriculum, models, schema, tasks
 from cropi.rollout import rollout
 from cropi.runtime import derive_seed
