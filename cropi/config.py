@@ -19,6 +19,7 @@ To add a key, add one `Key` to the layout (and read it where it is used); nothin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -362,7 +363,7 @@ def resolve(raw: Mapping, layout: Layout, source, sources: Mapping[str, str] | N
     try:
         given: dict = {}
         _walk(raw, layout, "", given)
-        flat = {k.name: given.get(k.name, _copy(k.default)) for k in layout.keys}
+        flat = {k.name: given.get(k.name, copy.deepcopy(k.default)) for k in layout.keys}
         cfg = _nest(flat)
         for check in layout.checks:
             check(cfg)
@@ -373,10 +374,6 @@ def resolve(raw: Mapping, layout: Layout, source, sources: Mapping[str, str] | N
             if e.field and (e.field == prefix or e.field.startswith(prefix + ".")):
                 label = lab
         raise schema.InputError(label, None, e.field, e.message) from None
-
-
-def _copy(v):
-    return merge({"v": v})["v"] if isinstance(v, dict) else list(v) if isinstance(v, list) else v
 
 
 def override_sources(overrides: Mapping, label: str = "command line") -> dict[str, str]:
@@ -541,10 +538,11 @@ def train_layout() -> Layout:
     for f in dataclasses.fields(RunSpec):
         if f.name == "train":
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        typ = hints[f.name] if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING \
-            else hints[f.name] | None
+        typ, default = hints[f.name], f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        elif default is dataclasses.MISSING:  # required (curriculum): may come from a flag
+            typ, default = typ | None, None
         help_text, rules = TRAIN_HELP[f.name]
         keys.append(Key(f.name, typ, default, help_text, **{**rules, **extra.get(f.name, {})}))
     return Layout("train config", (*keys, *train_keys()), checks=(check_train,))
