@@ -13,9 +13,8 @@ values are parsed by the field's default type (bool, int, float, str; lists and 
 
 Every prompt is the reasoning-gym question followed by one fixed line asking for the final
 answer after ``Answer:``, and ends with a newline, so a model's response starts with
-``Answer: ...``. The reward of a response is the task's own reasoning-gym scorer applied to the
-text after its last ``Answer:``, or math-verify for tasks named ``math`` and for tasks
-reasoning-gym does not know (user pools).
+``Answer: ...``. Rewards come from :mod:`cropi.rewards` (the task's own reasoning-gym scorer, or
+math-verify for tasks named ``math`` and tasks reasoning-gym does not know).
 """
 
 from __future__ import annotations
@@ -24,23 +23,19 @@ import dataclasses
 import hashlib
 import json
 import math
-import threading
-from functools import cache
 from importlib.metadata import version
 
 import pyarrow as pa
 
 from cropi import schema
+from cropi.rewards import ANSWER_PREFIX
 from cropi.runtime import derive_seed
 
-ANSWER_PREFIX = "Answer:"
 ANSWER_INSTRUCTION = f'Reply with "{ANSWER_PREFIX} <answer>".'
 
 # Disjoint slices of the question space: a question belongs to the split whose bucket range holds
 # sha256(question) mod 100, so train, val and test pools never share a question whatever the seeds.
 SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}
-
-MATH_TASKS = frozenset({"math"})  # always scored by math-verify
 
 # Registered names that cannot be used with a one-line "Answer:" format: `composite` mixes other
 # datasets, the rest have answers spanning several lines (grids, boards, move lists); found by
@@ -280,7 +275,7 @@ def make_pool(specs: list[str], n: int, seed: int, split: str = "train") -> pa.T
     Columns (POOL_SCHEMA): id str (``TASK-<12 hex of sha256(task, question)>``: unique and the
     same for the same question in any pool), prompt str (:func:`format_prompt`), answer str,
     task str, difficulty int32, split str, metadata str (JSON of the reasoning-gym entry
-    metadata; :func:`reward` re-scores with it).
+    metadata; :func:`cropi.rewards.reward` re-scores with it).
 
     Spec i draws from reasoning-gym with seed ``derive_seed(seed, "tasks", split, canonical
     spec)``, so the same (specs, n, seed, split) gives an identical table and splits draw
@@ -324,79 +319,6 @@ def make_pool(specs: list[str], n: int, seed: int, split: str = "train") -> pa.T
 def format_prompt(question: str) -> str:
     """``question`` + newline + the fixed answer instruction + newline."""
     return f"{question.strip()}\n{ANSWER_INSTRUCTION}\n"
-
-
-def extract_answer(response: str) -> str | None:
-    """The text after the last ``Answer:`` up to the end of that line, stripped; None if absent."""
-    if not isinstance(response, str):
-        return None
-    i = response.rfind(ANSWER_PREFIX)
-    if i < 0:
-        return None
-    rest = response[i + len(ANSWER_PREFIX):].splitlines()
-    return rest[0].strip() if rest else ""
-
-
-@cache
-def _scorer(task: str):
-    from reasoning_gym.factory import get_score_answer_fn
-
-    return get_score_answer_fn(task)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def math_reward(pred: str, gold: str) -> float:
-    """1.0 when math-verify finds ``pred`` equivalent to ``gold`` (e.g. "1/2" vs "0.5" or
-    "\\frac{1}{2}"), else 0.0. Falls back to exact string match when either side does not parse.
-    math-verify's signal-based timeouts only work in the main thread; elsewhere they are off."""
-    from math_verify import parse, verify
-
-    t = 5 if _main_thread() else None
-    g = parse(gold, parsing_timeout=t) or parse(f"${gold}$", parsing_timeout=t)
-    p = parse(pred, parsing_timeout=t)
-    if g and p:
-        return float(verify(g, p, timeout_seconds=t))
-    return float(pred.strip() == gold.strip())
-
-
-def _metadata(metadata) -> dict:
-    if isinstance(metadata, dict):
-        return metadata
-    if isinstance(metadata, str) and metadata:
-        try:
-            value = json.loads(metadata)
-        except json.JSONDecodeError:
-            return {}
-        return value if isinstance(value, dict) else {}
-    return {}
-
-
-def reward(response: str, answer: str, task: str, metadata: str | dict | None = None) -> float:
-    """Reward in [0, 1] of one response: 0.0 without ``Answer:``; else the task's reasoning-gym
-    scorer on the extracted answer (entry rebuilt from ``answer`` and ``metadata``), or
-    :func:`math_reward` for MATH_TASKS and tasks unknown to reasoning-gym. Never raises."""
-    pred = extract_answer(response)
-    if pred is None:
-        return 0.0
-    try:
-        if task in MATH_TASKS or task not in _registry():
-            r = math_reward(pred, str(answer))
-        else:
-            r = float(_scorer(task)(pred, {"answer": str(answer), "metadata": _metadata(metadata)}))
-    except Exception:  # a scorer choking on garbage output scores 0, it never stops a run
-        return 0.0
-    return min(max(r, 0.0), 1.0) if math.isfinite(r) else 0.0
-
-
-def rewards(responses: list[str], rows: list[dict]) -> list[float]:
-    """:func:`reward` for each (response, row); rows carry ``answer``, ``task`` and optionally
-    ``metadata``."""
-    if len(responses) != len(rows):
-        raise ValueError(f"{len(responses)} responses for {len(rows)} rows")
-    return [reward(r, row["answer"], row.get("task", "unknown"), row.get("metadata")) for r, row in zip(responses, rows)]
 
 
 def summarize_pool(table: pa.Table) -> dict:
