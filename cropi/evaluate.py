@@ -36,10 +36,10 @@ def ks_for(n: int) -> list[int]:
     return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
 
 
-def load_set(path, columns: dict | None = None) -> list[dict]:
+def load_set(path, columns: dict | None = None, split: str | None = None) -> list[dict]:
     """Prompt rows (id, prompt, answer, task, difficulty, split[, metadata]) of a prompts or
-    trajectories file (``columns``: see `schema.read_table`)."""
-    return schema.prompt_columns(schema.read_table(path, columns=columns)).to_pylist()
+    trajectories file (``columns``, ``split``: see `schema.read_table`)."""
+    return schema.prompt_columns(schema.read_table(path, columns=columns, split=split)).to_pylist()
 
 
 @torch.no_grad()
@@ -129,6 +129,7 @@ def run_eval(
     verifier: str = "auto",
     partial: bool = False,
     columns: dict | None = None,
+    split: str | None = None,
 ) -> dict:
     """`cropi eval`: evaluate `model` (or the given in-memory `policy`) on every file in `sets`.
 
@@ -138,7 +139,7 @@ def run_eval(
     if not sets:
         raise schema.InputError("--target", None, None, "at least one set to evaluate is needed")
     t0 = time.time()
-    loaded = [load_set(p, columns=columns) for p in sets]  # read every file before the model loads: fail fast
+    loaded = [load_set(p, columns=columns, split=split) for p in sets]  # read every file before the model loads: fail fast
     policy = policy or models.load(model, device=device)
     results = {}
     for name, path, rows in zip(set_names(sets), sets, loaded):

@@ -23,6 +23,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from importlib.metadata import version
 
 import pyarrow as pa
@@ -72,6 +75,13 @@ DEFAULT_HELDOUT_SPECS = (
 )
 
 
+# Specs that do not generate or do not verify with reasoning-gym 0.1.25, found by sweeping every
+# task and level (4 prompts each, 20 s limit; tests/test_task_suite.py re-sweeps them): "NAME"
+# for every level, "NAME:N" for level N. They are left out of `cropi tasks list` and refused.
+_BROKEN: dict[str, str] = {}
+GENERATE_SECONDS = 60  # a spec whose pool takes longer is a generator hang: one-line error
+
+
 def _registry() -> dict:
     """reasoning-gym's {name: (dataset class, config class)} (importing it registers them all)."""
     import reasoning_gym  # noqa: F401
@@ -81,8 +91,19 @@ def _registry() -> dict:
 
 
 def list_tasks() -> list[str]:
-    """Sorted reasoning-gym dataset names usable in a task spec."""
-    return sorted(set(_registry()) - _EXCLUDED)
+    """Sorted reasoning-gym dataset names usable in a task spec (at least one working level)."""
+    return sorted(n for n in set(_registry()) - _EXCLUDED if n not in _BROKEN)
+
+
+def broken(task: str, level: int) -> str | None:
+    """Why ``task`` at ``level`` cannot be used (generation fails, hangs or cannot be
+    verified), or None when it works."""
+    return _BROKEN.get(task) or _BROKEN.get(f"{task}:{level}")
+
+
+def working_levels(task: str) -> list[int]:
+    """The difficulty levels of ``task`` that generate prompts whose gold answers verify."""
+    return [lv for lv in range(num_levels(task)) if broken(task, lv) is None]
 
 
 def num_levels(task: str) -> int:
@@ -106,6 +127,8 @@ def _check_task(task: str) -> None:
     if task in _EXCLUDED:
         raise ValueError(f"task {task!r}: its answers span several lines, which the one-line "
                          f"{ANSWER_PREFIX!r} format cannot hold")
+    if task in _BROKEN:
+        raise ValueError(f"task {task!r}: {_BROKEN[task]}")
     close = difflib.get_close_matches(task, list_tasks(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `cropi tasks list` shows them"
     raise ValueError(f"unknown task {task!r}{hint}")
@@ -185,6 +208,10 @@ def parse_task_spec(spec: str) -> tuple[str, dict]:
                 opts[key] = _coerce(key, raw, _default(fields[key]))
             except ValueError as e:
                 raise ValueError(f"task spec {spec!r}: {e}") from None
+    level = opts.get("difficulty", 0)
+    if broken(name, level) and set(opts) <= {"difficulty"}:
+        ok = ", ".join(map(str, working_levels(name)))
+        raise ValueError(f"task spec {spec!r}: level {level} {broken(name, level)} (working levels: {ok})")
     _config(name, opts, seed=0, size=1, spec=spec)
     return name, opts
 
@@ -247,23 +274,61 @@ def _draw(name: str, opts: dict, *, n: int, seed: int, split: str, seen: set, sp
     lo, hi = SPLITS[split]
     budget = 3 * math.ceil(n * 100 / (hi - lo)) + 100
     cfg = _config(name, opts, seed=seed, size=budget, spec=spec)
-    dataset = _registry()[name][0](config=cfg)
     out = []
-    for idx in range(budget):
-        if len(out) == n:
-            break
-        try:
-            entry = dataset[idx]
-        except Exception as e:  # a generator bug at this config: name it, one line
-            raise ValueError(f"task spec {spec!r}: reasoning-gym failed on item {idx}: {type(e).__name__}: {e}") from None
-        question, answer = entry["question"], str(entry["answer"])
-        if "\n" in answer.strip():
-            raise ValueError(f"task spec {spec!r}: answers span several lines (item {idx})")
-        if question in seen or not lo <= _bucket(question) < hi:
-            continue
-        seen.add(question)
-        out.append({"question": question, "answer": answer, "metadata": entry.get("metadata", {})})
+    with _time_limit(GENERATE_SECONDS, spec):
+        dataset = _registry()[name][0](config=cfg)
+        for idx in range(budget):
+            if len(out) == n:
+                break
+            try:
+                entry = dataset[idx]
+            except Exception as e:  # a generator bug at this config: name it, one line
+                msg = str(e).splitlines()[0] if str(e) else ""
+                raise ValueError(f"task spec {spec!r}: reasoning-gym failed on item {idx}: {type(e).__name__}: {msg}") from None
+            _add_entry(out, entry, idx, spec=spec, seen=seen, lo=lo, hi=hi)
     return out
+
+
+class _Timeout(BaseException):  # not Exception: generators that catch Exception must not swallow it
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: int, spec: str):
+    """Raise ValueError when the block runs longer than ``seconds`` (main thread only: signals)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fire(*_):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    except _Timeout:
+        raise ValueError(f"task spec {spec!r}: reasoning-gym did not finish within {seconds} s "
+                         "(its generator hangs at this config)") from None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _add_entry(out: list, entry: dict, idx: int, *, spec: str, seen: set, lo: int, hi: int) -> None:
+    """Append one reasoning-gym entry to ``out`` unless its question is taken or outside the
+    split's buckets; ValueError for an entry cropi cannot verify (no answer, several lines)."""
+    question, raw = entry["question"], entry.get("answer")
+    answer = "" if raw is None else str(raw)
+    if answer.strip() in ("", "None"):
+        raise ValueError(f"task spec {spec!r}: item {idx} has no answer ({raw!r}), so no response can be "
+                         "verified against it")
+    if "\n" in answer.strip():
+        raise ValueError(f"task spec {spec!r}: answers span several lines (item {idx})")
+    if question in seen or not lo <= _bucket(question) < hi:
+        return
+    seen.add(question)
+    out.append({"question": question, "answer": answer, "metadata": entry.get("metadata", {})})
 
 
 POOL_SCHEMA = pa.schema(list(schema.PROMPT_SCHEMA) + list(schema.OPTIONAL_PROMPT_FIELDS))
