@@ -78,7 +78,34 @@ DEFAULT_HELDOUT_SPECS = (
 # Specs that do not generate or do not verify with reasoning-gym 0.1.25, found by sweeping every
 # task and level (4 prompts each, 20 s limit; tests/test_task_suite.py re-sweeps them): "NAME"
 # for every level, "NAME:N" for level N. They are left out of `cropi tasks list` and refused.
-_BROKEN: dict[str, str] = {}
+_BROKEN: dict[str, str] = {
+    "boxnet": "stores the answer as 'None' (no gold answer to verify against)",
+    "caesar_cipher:2": 'invalid config at this level: rotation must be in range [1,25]',
+    "countdown:1": 'generation fails: ValueError: Failed to generate valid expression after 100 attempts',
+    "countdown:2": 'generation fails: ValueError: Failed to generate valid expression after 100 attempts',
+    "countdown:3": 'generation fails: ValueError: Failed to generate valid expression after 100 attempts',
+    "graph_color": "stores the answer as 'None' (no gold answer to verify against)",
+    "jugs:2": 'generation hangs (> 20 s for 4 prompts)',
+    "jugs:3": 'generation hangs (> 20 s for 4 prompts)',
+    "knight_swap": "no level generates (level 0: min_nodes must be >= 6; levels 1-4: no valid puzzle after 100 boards)",
+    "letter_jumble:2": 'generation fails: ValueError: empty range for randrange() (0, -32, -32)',
+    "letter_jumble:3": 'generation fails: ValueError: empty range for randrange() (0, -64, -64)',
+    "number_sequence:2": 'generation hangs (> 20 s for 4 prompts)',
+    "number_sequence:3": 'generation hangs (> 20 s for 4 prompts)',
+    "propositional_logic": "stores the answer as 'None' (no gold answer to verify against)",
+    "puzzle24:2": 'generation hangs (> 20 s for 4 prompts)',
+    "puzzle24:3": 'generation hangs (> 20 s for 4 prompts)',
+    "puzzle24:4": 'generation hangs (> 20 s for 4 prompts)',
+    "puzzle24:5": 'generation hangs (> 20 s for 4 prompts)',
+    "rubiks_cube": "stores the answer as 'None' (no gold answer to verify against)",
+    "rush_hour": "stores the answer as 'None' (no gold answer to verify against)",
+    "sokoban:0": 'generation hangs (> 20 s for 4 prompts)',
+    "sokoban:13": 'generation hangs (> 20 s for 4 prompts)',
+    "spell_backward:4": 'generation fails: IndexError: Cannot choose from an empty sequence',
+    "word_ladder": "its scorer fails on the gold answer (KeyError)",
+    "zebra_puzzles:4": 'generation hangs (> 20 s for 4 prompts)',
+    "zebra_puzzles:5": 'generation hangs (> 20 s for 4 prompts)',
+}
 GENERATE_SECONDS = 60  # a spec whose pool takes longer is a generator hang: one-line error
 
 
@@ -120,7 +147,7 @@ def num_levels(task: str) -> int:
 
 
 def _check_task(task: str) -> None:
-    if task in _registry() and task not in _EXCLUDED:
+    if task in _registry() and task not in _EXCLUDED and task not in _BROKEN:
         return
     import difflib
 
