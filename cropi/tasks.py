@@ -106,7 +106,7 @@ _BROKEN: dict[str, str] = {
     "zebra_puzzles:4": 'generation hangs (> 20 s for 4 prompts)',
     "zebra_puzzles:5": 'generation hangs (> 20 s for 4 prompts)',
 }
-GENERATE_SECONDS = 60  # a spec whose pool takes longer is a generator hang: one-line error
+GENERATE_SECONDS = 60  # CPU seconds; a spec whose pool takes longer is a generator hang: one-line error
 
 
 def _registry() -> dict:
@@ -321,25 +321,26 @@ class _Timeout(BaseException):  # not Exception: generators that catch Exception
 
 
 @contextmanager
-def _time_limit(seconds: int, spec: str):
-    """Raise ValueError when the block runs longer than ``seconds`` (main thread only: signals)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+def _time_limit(seconds: float, spec: str):
+    """Raise ValueError when the block uses more than ``seconds`` of CPU time (the process's, so a
+    loaded machine does not trip it; main thread only: signals)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
 
     def fire(*_):
         raise _Timeout
 
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
+    old = signal.signal(signal.SIGPROF, fire)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     except _Timeout:
-        raise ValueError(f"task spec {spec!r}: reasoning-gym did not finish within {seconds} s "
+        raise ValueError(f"task spec {spec!r}: reasoning-gym did not finish within {seconds} CPU seconds "
                          "(its generator hangs at this config)") from None
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
 
 
 def _add_entry(out: list, entry: dict, idx: int, *, spec: str, seen: set, lo: int, hi: int) -> None:

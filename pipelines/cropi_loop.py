@@ -62,6 +62,11 @@ def load_config(path) -> dict:
     return cfg
 
 
+def _is_source(value) -> bool:
+    """``data.pool`` names a prompts file, datasets folder or HF dataset (``user/name``), not specs."""
+    return isinstance(value, str) and value != "default" and ("/" in value or Path(value).exists())
+
+
 def _specs(value, group: str) -> list[str]:
     if value in (None, "default"):
         return list(DEFAULT_SPECS[group])
@@ -91,7 +96,13 @@ def prepare_data(cfg: dict, root: Path) -> dict:
                     max_new_tokens=int(ro.get("max_new_tokens", 16)), seed=s, resume=True, device=cfg.get("device", "cpu"))
         return out
 
-    pool = prompts(d / "pool.parquet", _specs(data.get("pool"), "pool"), int(data.get("pool_per_spec", 60)), "train", seed)
+    if _is_source(data.get("pool")):  # the user's own prompts, read with data.columns / data.split
+        pool = d / "pool.parquet"
+        if not pool.exists():
+            table = schema.read_table(data["pool"], "prompts", columns=data.get("columns"), split=data.get("split"))
+            schema.write_parquet_atomic(schema.prompt_columns(table), pool, metadata={"kind": "prompts", "source": str(data["pool"])})
+    else:
+        pool = prompts(d / "pool.parquet", _specs(data.get("pool"), "pool"), int(data.get("pool_per_spec", 60)), "train", seed)
     out = {"pool": pool, "pool_traj": traj(pool, derive_seed(seed, "rollout", "pool")), "targets": {}, "tests": {}, "heldout": {}}
     per = {"targets": int(data.get("target_per_spec", 30)), "heldout": int(data.get("heldout_per_spec", 30))}
     for name, specs in (data.get("targets") or {"target": "default"}).items():

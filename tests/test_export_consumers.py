@@ -85,6 +85,18 @@ def test_verl_rlhf_dataset_custom_reward_loader_and_sampler(cur, tmp_path, tiny_
             assert got == rewards.reward(text, s["answer"], s["task"], s["metadata"])
     sampler = cropi_verl.CurriculumSampler(data_source=ds, data_config=cfg)
     assert list(sampler) == list(range(len(src)))
+    try:  # verl 0.8's curriculum interface (the 0.9 wheel on PyPI no longer ships it)
+        from verl.experimental.dataset.sampler import AbstractCurriculumSampler
+    except ImportError:
+        return
+    from verl.utils.import_utils import load_extern_object
+
+    # the class_path branch of verl's create_rl_sampler (verl/trainer/main_ppo.py)
+    data_config = OmegaConf.create({"dataloader_num_workers": 0, "cropi_curriculum": str(cur), "sampler": {
+        "class_path": "pkg://cropi.integrations.verl", "class_name": "CurriculumSampler"}})
+    cls = load_extern_object(data_config.sampler.class_path, data_config.sampler.class_name)
+    sampler = cls(data_source=ds, data_config=data_config)
+    assert isinstance(sampler, AbstractCurriculumSampler) and list(sampler) == list(range(len(src)))
 
 
 def _trl_prompt_ids(trainer_like, prompts):

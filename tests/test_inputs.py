@@ -157,3 +157,16 @@ def test_pool_metadata_survives_jsonl(tmp_path):
     t = tasks.make_pool(["chain_sum:difficulty=0"], 2, 0)
     schema.write_table(t, tmp_path / "p.jsonl")
     assert schema.read_table(tmp_path / "p.jsonl").column("metadata").to_pylist() == t.column("metadata").to_pylist()
+
+
+def test_run_config_data_columns_read_the_users_pool(tmp_path, monkeypatch):
+    """`cropi run` with data.pool naming the user's file and data.columns mapping its names."""
+    from pipelines import cropi_loop
+
+    monkeypatch.setattr(cropi_loop, "rollout", lambda prompts, out, **kw: out.touch())
+    _jsonl(tmp_path / "mine.jsonl", ROWS)
+    cfg = {"data": {"pool": str(tmp_path / "mine.jsonl"), "columns": {"prompt": "question", "answer": "solution", "id": "uid"},
+                    "target_per_spec": 2, "heldout_per_spec": 2}}
+    out = cropi_loop.prepare_data(cfg, tmp_path / "root")
+    pool = schema.read_table(out["pool"], "prompts")
+    assert pool.column("id").to_pylist() == ["q0", "q1", "q2"] and pool.column("answer").to_pylist() == ["0", "2", "4"]

@@ -33,12 +33,12 @@ def test_sample_of_listed_specs_generate_and_verify():
 
 @pytest.mark.slow
 def test_every_listed_spec_generates_and_verifies():
-    """The sweep the list was built from (minutes): 4 prompts per spec, each within the limit."""
+    """The sweep the list was built from (minutes): 4 prompts per spec, each within 20 CPU seconds."""
     slow = []
     for spec in listed_specs():
-        t0 = time.time()
+        t0 = time.process_time()
         _check_spec(spec, n=4)
-        if time.time() - t0 > 20:
+        if time.process_time() - t0 > 20:
             slow.append(spec)
     assert not slow
 
@@ -87,9 +87,9 @@ class _Hangs:
         self.config = config
 
     def __getitem__(self, idx):
-        while True:
+        while True:  # busy, as a generator searching forever is
             try:
-                time.sleep(0.01)
+                sum(range(1000))
             except Exception:  # noqa: BLE001 - what the real generators do
                 pass
 
@@ -113,9 +113,9 @@ def test_hanging_generator_hits_the_time_limit(monkeypatch):
     _patch(monkeypatch, _Hangs)
     monkeypatch.setattr(tasks, "GENERATE_SECONDS", 1)
     t0 = time.time()
-    with pytest.raises(ValueError, match="did not finish within 1 s") as e:
+    with pytest.raises(ValueError, match="did not finish within 1 CPU seconds") as e:
         tasks.make_pool(["chain_sum"], 2, 0)
-    assert time.time() - t0 < 10 and "\n" not in str(e.value)
+    assert time.time() - t0 < 60 and "\n" not in str(e.value)
 
 
 def test_missing_answer_refused(monkeypatch):
