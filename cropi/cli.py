@@ -289,17 +289,25 @@ def curriculum_show(directory):
 
 
 @main.command("export")
-@click.option("--curriculum", "curriculum_dir", type=click.Path(path_type=Path), required=True)
-@click.option("--stage", type=int, required=True)
+@click.option("--curriculum", "curriculum_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--stage", type=int, default=None)
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="Instead of a stage: every prompt of this file (what the verl/TRL curriculum samplers index into).")
 @click.option("--format", "fmt", type=click.Choice(["verl", "trl", "jsonl"]), default="verl", show_default=True)
 @click.option("--model", default="tiny", show_default=True,
               help="The model cropi rolled out and scored with: trl prompts are chat messages when it has a chat template.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="verl/trl: *.parquet; jsonl: *.jsonl[.gz].")
-def export_cmd(curriculum_dir, stage, fmt, model, out):
-    """Write a stage in the format verl or TRL reads (or plain JSONL)."""
-    from cropi.export import export_stage, has_chat_template
+def export_cmd(curriculum_dir, stage, prompts, fmt, model, out):
+    """Write a stage (--curriculum and --stage) or a whole prompts file (--prompts) in the format
+    verl or TRL reads (or plain JSONL)."""
+    from cropi.export import export_prompts, export_stage, has_chat_template
 
+    if (prompts is None) == (curriculum_dir is None or stage is None):
+        raise schema.InputError("export", None, None, "give either --curriculum and --stage, or --prompts")
     chat = fmt == "trl" and has_chat_template(model)
+    if prompts is not None:
+        click.echo(f"wrote {export_prompts(prompts, fmt, out, chat=chat)}")
+        return
     click.echo(f"wrote {export_stage(curriculum_dir, stage, fmt, out, chat=chat)}")
 
 

@@ -84,17 +84,37 @@ def has_chat_template(model: str) -> bool:
     return bool(getattr(models.load_tokenizer(models.resolve(model)), "chat_template", None))
 
 
+def export_table(table: pa.Table, fmt: str, out, *, chat: bool = False, metadata: dict | None = None) -> Path:
+    """Write prompt rows ``table`` to the file ``out`` in format ``fmt`` (FORMATS); ``chat`` (trl):
+    conversational prompts; ``metadata`` goes into the Parquet key-value metadata."""
+    if fmt not in FORMATS:
+        raise InputError("--format", None, None, f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    output_format(out, ("jsonl", "jsonl.gz") if fmt == "jsonl" else ("parquet",))  # verl reads *.parquet only
+    out = Path(out)
+    if fmt == "jsonl":
+        return write_table(table, out)
+    converted = to_verl(table) if fmt == "verl" else to_trl(table, chat)
+    meta = {"format": fmt, **({"chat": chat} if fmt == "trl" else {}), **(metadata or {})}
+    return write_parquet_atomic(converted, out, metadata=meta)
+
+
+def export_prompts(prompts_path, fmt: str, out, *, chat: bool = False) -> Path:
+    """Every prompt of a prompts/trajectories file in format ``fmt``: the dataset a trainer loads
+    once when cropi's curriculum samplers pick each stage's rows from it."""
+    from cropi.schema import file_sha256, prompt_columns, read_table
+
+    table = prompt_columns(read_table(prompts_path))
+    src = Path(prompts_path)
+    return export_table(table, fmt, out, chat=chat, metadata={"prompts": str(src),
+                        "prompts_sha256": file_sha256(src) if src.is_file() else None})
+
+
 def export_stage(curriculum_dir, stage: int, fmt: str, out, *, chat: bool = False) -> Path:
     """Write stage `stage` of `curriculum_dir` to the file `out` in format `fmt` (FORMATS).
     ``chat`` (trl): conversational prompts. The manifest travels in the Parquet key-value metadata
     (verl, trl). Returns `out`."""
     if fmt not in FORMATS:
         raise InputError("--format", None, None, f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    output_format(out, ("jsonl", "jsonl.gz") if fmt == "jsonl" else ("parquet",))  # verl reads *.parquet only
+    output_format(out, ("jsonl", "jsonl.gz") if fmt == "jsonl" else ("parquet",))
     table, manifest = read_stage(curriculum_dir, stage)
-    out = Path(out)
-    if fmt == "jsonl":
-        return write_table(table, out)
-    converted = to_verl(table) if fmt == "verl" else to_trl(table, chat)
-    meta = {"format": fmt, "manifest": manifest, **({"chat": chat} if fmt == "trl" else {})}
-    return write_parquet_atomic(converted, out, metadata=meta)
+    return export_table(table, fmt, out, chat=chat, metadata={"manifest": manifest})

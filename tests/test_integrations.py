@@ -136,3 +136,46 @@ def test_stage_samplers_walk_the_curriculum(tmp_path):
     assert list(fresh) == [0, 5, 2]
     with pytest.raises(ValueError, match="not in the trainer's dataset"):
         list(cropi_verl.CurriculumSampler(DS(dataset_rows[:3]), {"cropi_curriculum": str(cur)}))
+
+
+def test_grpo_trainer_walks_the_curriculum(tmp_path):
+    """use_curriculum: epoch 1 of GRPOTrainer's dataloader serves stage 0; stage 1, written by
+    cropi meanwhile, is served by epoch 2."""
+    trl = pytest.importorskip("trl")
+    import datasets
+
+    from cropi import models
+
+    pool = tasks.make_pool(["chain_sum:difficulty=0"], 6, 0)
+    schema.write_parquet_atomic(pool, tmp_path / "pool.parquet")
+    ids = pool.column("id").to_pylist()
+    cur = tmp_path / "cur"
+    curriculum.write_stage(cur, pool.take([4, 1]), {"selector": "test"})
+    out = export.export_prompts(tmp_path / "pool.parquet", "trl", tmp_path / "pool.trl.parquet")
+    ds = datasets.load_dataset("parquet", data_files=str(out), split="train")
+    seen = []
+
+    def spy(prompts, completions, **kw):
+        seen.extend(kw["id"])
+        return cropi_trl.reward(prompts, completions, **kw)
+
+    policy = models.load("tiny")
+    tok = policy.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+    from transformers import TrainerCallback
+
+    class WriteNextStage(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kw):
+            if state.epoch <= 1:
+                curriculum.write_stage(cur, pool.take([0, 5]), {"selector": "test"})
+
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=4, max_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+                          save_strategy="no", seed=0)
+    trainer = trl.GRPOTrainer(model=policy.model, processing_class=tok, reward_funcs=[spy], args=args, train_dataset=ds,
+                              callbacks=[WriteNextStage()])
+    cropi_trl.use_curriculum(trainer, cur)
+    trainer.train()
+    assert seen == [ids[4], ids[4], ids[1], ids[1], ids[0], ids[0], ids[5], ids[5]]

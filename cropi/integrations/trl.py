@@ -47,8 +47,8 @@ class CurriculumSampler:
     """A torch Sampler over a TRL train dataset exported from the whole pool (``cropi export
     --prompts``, with its ``id`` column): each pass yields the rows of cropi's current stage, and
     a pass after the stage has been served moves to the next stage once cropi has written it.
-    ``repeat``: consecutive copies of each index (GRPO's ``num_generations``). Hand it to a
-    trainer by overriding its ``_get_train_sampler``."""
+    ``repeat``: consecutive copies of each index (GRPO's ``num_generations``). Attach it to a
+    GRPOTrainer with :func:`use_curriculum`."""
 
     def __init__(self, dataset, curriculum_dir, repeat: int = 1):
         from cropi.integrations.stages import StageCursor
@@ -62,3 +62,18 @@ class CurriculumSampler:
 
     def __len__(self) -> int:
         return len(self.cursor.current_indices()) * self.repeat
+
+
+def use_curriculum(trainer, curriculum_dir) -> CurriculumSampler:
+    """Make ``trainer`` (a TRL GRPOTrainer whose train_dataset is ``cropi export --prompts`` of
+    the pool) draw its prompts from cropi's curriculum: each epoch of its dataloader is one pass
+    over the current stage, in stage order, each prompt ``num_generations`` times in a row (what
+    GRPOTrainer's own sampler does without shuffling). Generations must not be reused across
+    steps (``num_iterations`` 1 and ``steps_per_generation`` 1, the defaults with no gradient
+    accumulation), since each pass is consumed once. Returns the sampler."""
+    reuse = trainer.num_iterations * trainer.args.steps_per_generation
+    if reuse != 1:
+        raise ValueError(f"use_curriculum needs num_iterations * steps_per_generation == 1, got {reuse}")
+    sampler = CurriculumSampler(trainer.train_dataset, curriculum_dir, repeat=trainer.num_generations)
+    trainer._get_train_sampler = lambda dataset=None: sampler
+    return sampler
