@@ -105,7 +105,10 @@ def _rows_to_table(rows: list[dict], path, columns: dict | None = None) -> pa.Ta
     (``columns`` renames the user's keys first, see :func:`read_table`)."""
     rename = {src: dst for dst, src in (columns or {}).items()}
     if rename:
-        rows = [{rename.get(k, k): v for k, v in row.items() if k not in columns or k in rename} for row in rows]
+        def mapped(k, v):  # a mapped integer answer or id becomes its decimal string, as in map_columns
+            return str(v) if rename.get(k) in ("answer", "id") and isinstance(v, int) and not isinstance(v, bool) else v
+
+        rows = [{rename.get(k, k): mapped(k, v) for k, v in row.items() if k not in columns or k in rename} for row in rows]
     for i, row in enumerate(rows):
         for name in ("prompt", "answer"):
             if name not in row:

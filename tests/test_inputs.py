@@ -40,8 +40,10 @@ def test_column_mapping_jsonl_and_parquet(tmp_path):
 
 def test_integer_answers_and_ids_are_strings(tmp_path):
     pq.write_table(pa.table({"q": ["1+1?"], "a": [2], "k": [7]}), tmp_path / "n.parquet")
-    t = schema.read_table(tmp_path / "n.parquet", columns={"prompt": "q", "answer": "a", "id": "k"})
-    assert t.column("answer").to_pylist() == ["2"] and t.column("id").to_pylist() == ["7"]
+    _jsonl(tmp_path / "n.jsonl", [{"q": "1+1?", "a": 2, "k": 7}])
+    for name in ("n.parquet", "n.jsonl"):
+        t = schema.read_table(tmp_path / name, columns={"prompt": "q", "answer": "a", "id": "k"})
+        assert t.column("answer").to_pylist() == ["2"] and t.column("id").to_pylist() == ["7"]
 
 
 def test_save_to_disk_dataset_gets_jsonl_defaults(tmp_path):
