@@ -1,20 +1,21 @@
 """cropi for verl: the reward function and a curriculum sampler.
 
-Reward (verl's ``custom_reward_function``; in verl 0.9 under ``reward.``)::
+Reward (verl's custom reward function; ``custom_reward_function.*`` in verl 0.8,
+``reward.custom_reward_function.*`` in verl 0.9)::
 
-    reward.custom_reward_function.path=pkg://cropi.integrations.verl
-    reward.custom_reward_function.name=compute_score
+    custom_reward_function.path=pkg://cropi.integrations.verl
+    custom_reward_function.name=compute_score
 
-Curriculum (verl's ``data.sampler``, with ``data.dataloader_num_workers=0``)::
+Curriculum (verl 0.8's ``data.sampler``; verl 0.9.1 on PyPI no longer reads it)::
 
+    data.train_files=pool.verl.parquet        # cropi export --prompts POOL --format verl
+    data.dataloader_num_workers=0
     data.sampler.class_path=pkg://cropi.integrations.verl
     data.sampler.class_name=CurriculumSampler
-    +data.cropi_curriculum=curriculum/       # the folder `cropi select` / `cropi train` append to
+    +data.cropi_curriculum=curriculum/        # the folder `cropi select` / `cropi train` append to
 
-verl's ``data.train_files`` must be the export of the first stage (``cropi export --format
-verl``) or any verl Parquet whose rows carry ``extra_info.id``; the sampler serves the rows of
-the current stage and moves to the next stage when cropi has written it and the current one
-has been served once.
+The sampler serves the rows of the current stage and moves to the next stage when cropi has
+written it and the current one has been served once.
 """
 
 from __future__ import annotations
