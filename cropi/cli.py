@@ -21,6 +21,30 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 MODEL_HELP = "`tiny` (the embedded default, built on first use) or a local HF model folder / cached hub name."
+VERIFIER_HELP = ("How responses are verified: auto = each task's reasoning-gym scorer, math-verify for tasks named "
+                 "`math` and tasks reasoning-gym does not know; math = math-verify for every row (your own math data). "
+                 "Answers are read from \\boxed{...}, '#### x', 'Answer: x' or the final number.")
+
+
+def input_options(f):
+    """--prompt-column/--answer-column/--id-column/--split: how a user's prompts file is read."""
+    f = click.option("--split", "data_split", default=None,
+                     help="Split of a DatasetDict folder or of a dataset name in the local HF cache.")(f)
+    for key in reversed(schema.COLUMN_KEYS):
+        f = click.option(f"--{key}-column", f"{key}_column", default=None,
+                         help=f"Your column holding the {key} (default: `{key}`).")(f)
+    return f
+
+
+def _columns(kw) -> dict:
+    return {k: kw.pop(f"{k}_column") for k in schema.COLUMN_KEYS}
+
+
+def verifier_options(f):
+    f = click.option("--partial-credit", is_flag=True,
+                     help="Keep reasoning-gym's partial credit (default: reward 1 only for a fully right answer).")(f)
+    return click.option("--verifier", type=click.Choice(["auto", "math"]), default="auto", show_default=True,
+                        help=VERIFIER_HELP)(f)
 
 
 class CropiGroup(click.Group):
@@ -59,9 +83,11 @@ def main():
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--kind", type=click.Choice(schema.KINDS), default=None, help="Table kind (default: detected).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def check(file, kind, as_json):
-    """Validate a prompts / trajectories / scores file (Parquet, JSONL, datasets folder) and summarise it."""
-    table = schema.read_table(file, kind)
+@input_options
+def check(file, kind, as_json, data_split, **kw):
+    """Validate a prompts / trajectories / scores file (Parquet, JSONL, verl Parquet, datasets folder
+    or a dataset name in the local HF cache) and summarise it."""
+    table = schema.read_table(file, kind, columns=_columns(kw), split=data_split)
     summary = schema.summarize(table, kind or schema.detect_kind(table))
     if as_json:
         click.echo(json.dumps(summary))
@@ -81,11 +107,11 @@ def tasks():
 
 @tasks.command("list")
 def tasks_list():
-    """List usable task names."""
+    """List the tasks and difficulty levels that generate prompts whose answers verify."""
     from cropi import tasks as T
 
     for name in T.list_tasks():
-        click.echo(name)
+        click.echo(f"{name:32s} difficulty {','.join(map(str, T.working_levels(name)))}")
 
 
 @tasks.command("make")
@@ -94,13 +120,15 @@ def tasks_list():
 @click.option("--n", type=click.IntRange(min=1), required=True, help="Prompts per --task.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output file: .parquet, .jsonl or .jsonl.gz (the format follows the name).")
 def tasks_make(specs, n, seed, split, out):
     """Generate a prompts pool mixing tasks and difficulties (same seed => byte-identical file)."""
     from cropi import tasks as T
 
+    schema.output_format(out)
     table = T.make_pool(list(specs), n, seed, split)
-    schema.write_parquet_atomic(table, out, metadata={"kind": "prompts", "specs": list(specs), "n": n, "seed": seed, "split": split})
+    schema.write_table(table, out, metadata={"kind": "prompts", "specs": list(specs), "n": n, "seed": seed, "split": split})
     click.echo(f"wrote {table.num_rows} prompts to {out}")
 
 
@@ -142,15 +170,21 @@ def warmup(out, steps, seed, force):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available, else cpu).")
 @click.option("--resume", is_flag=True, help="Keep finished chunks of an interrupted run.")
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, limit, device, resume, out):
-    """Sample G responses per prompt, reward them, store tokens and behaviour log-probs."""
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Trajectories file (.parquet).")
+@input_options
+@verifier_options
+def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, limit, device, resume, out,
+            data_split, verifier, partial_credit, **kw):
+    """Sample G responses per prompt, reward them, store tokens and behaviour log-probs.
+
+    PROMPTS may be Parquet, JSONL, verl Parquet, a datasets folder or a dataset name in the local HF cache."""
     from cropi import rollout as R
     from cropi.distributed import barrier, default_device, dist_context
 
     with dist_context() as (rank, world):
         R.rollout(prompts, out, model=model, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                  seed=seed, chunk=chunk, limit=limit, device=default_device(device), resume=resume, rank=rank, world=world)
+                  seed=seed, chunk=chunk, limit=limit, device=default_device(device), resume=resume, rank=rank, world=world,
+                  verifier=verifier, partial=partial_credit, columns=_columns(kw), split=data_split)
         if world > 1:
             barrier()
             if rank == 0:
@@ -255,15 +289,26 @@ def curriculum_show(directory):
 
 
 @main.command("export")
-@click.option("--curriculum", "curriculum_dir", type=click.Path(path_type=Path), required=True)
-@click.option("--stage", type=int, required=True)
-@click.option("--format", "fmt", default="verl", show_default=True, help="verl | trl | jsonl")
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-def export_cmd(curriculum_dir, stage, fmt, out):
-    """Write a stage in the format verl or TRL reads (or plain JSONL)."""
-    from cropi.export import export_stage
+@click.option("--curriculum", "curriculum_dir", type=click.Path(path_type=Path), default=None)
+@click.option("--stage", type=int, default=None)
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="Instead of a stage: every prompt of this file (what the verl/TRL curriculum samplers index into).")
+@click.option("--format", "fmt", type=click.Choice(["verl", "trl", "jsonl"]), default="verl", show_default=True)
+@click.option("--model", default="tiny", show_default=True,
+              help="The model cropi rolled out and scored with: trl prompts are chat messages when it has a chat template.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="verl/trl: *.parquet; jsonl: *.jsonl[.gz].")
+def export_cmd(curriculum_dir, stage, prompts, fmt, model, out):
+    """Write a stage (--curriculum and --stage) or a whole prompts file (--prompts) in the format
+    verl or TRL reads (or plain JSONL)."""
+    from cropi.export import export_prompts, export_stage, has_chat_template
 
-    click.echo(f"wrote {export_stage(curriculum_dir, stage, fmt, out)}")
+    if (prompts is None) == (curriculum_dir is None or stage is None):
+        raise schema.InputError("export", None, None, "give either --curriculum and --stage, or --prompts")
+    chat = fmt == "trl" and has_chat_template(model)
+    if prompts is not None:
+        click.echo(f"wrote {export_prompts(prompts, fmt, out, chat=chat)}")
+        return
+    click.echo(f"wrote {export_stage(curriculum_dir, stage, fmt, out, chat=chat)}")
 
 
 def _not_yet(name: str, issue: str):
@@ -336,13 +381,17 @@ def train_cmd(overrides, config_file, curriculum_dir, model, targets, heldout, r
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
-def eval_cmd(model, targets, n_samples, temperature, max_new_tokens, seed, device, out):
+@input_options
+@verifier_options
+def eval_cmd(model, targets, n_samples, temperature, max_new_tokens, seed, device, out, data_split, verifier,
+             partial_credit, **kw):
     """Accuracy (greedy by default) and pass@k per set; JSON to stdout."""
     from cropi.distributed import default_device
     from cropi.evaluate import run_eval
 
     report = run_eval(model, list(targets), n_samples=n_samples, temperature=temperature,
-                      max_new_tokens=max_new_tokens, seed=seed, device=default_device(device), out=out)
+                      max_new_tokens=max_new_tokens, seed=seed, device=default_device(device), out=out,
+                      verifier=verifier, partial=partial_credit, columns=_columns(kw), split=data_split)
     click.echo(json.dumps(report))
 from cropi.config import METHODS as RUN_METHODS  # noqa: E402
 

@@ -469,6 +469,10 @@ def run_layout() -> Layout:
             Key("device", str, "cpu", "cpu, cuda, cuda:N or mps.", pattern=DEVICE, pattern_help="cpu, cuda, cuda:N or mps"),
             Key("data.pool", specs, "default", "Task specs of the training pool (default: the built-in mix)."),
             Key("data.pool_per_spec", int, 60, "Pool prompts per spec.", lo=1),
+            Key("data.pool_source", str | None, None,
+                "The user's own training prompts instead of task specs: a prompts file (Parquet, JSONL, "
+                "verl Parquet), a save_to_disk folder or an HF dataset name in the local cache."),
+            Key("data.split", str | None, None, "Split of a DatasetDict / HF dataset named by data.pool_source."),
             Key("data.targets", dict[str, specs], {"target": "default"},
                 "Target sets: name -> task specs (val split gives target gradients, test split the targeted accuracy).",
                 nonempty=True),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cropi import models, schema, tasks
+from cropi import models, rewards, schema
 from cropi.runtime import derive_seed
 from cropi.score import target_names as set_names  # one naming rule: eval names == score__<name>
 
@@ -36,10 +36,10 @@ def ks_for(n: int) -> list[int]:
     return sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
 
 
-def load_set(path) -> list[dict]:
+def load_set(path, columns: dict | None = None, split: str | None = None) -> list[dict]:
     """Prompt rows (id, prompt, answer, task, difficulty, split[, metadata]) of a prompts or
-    trajectories file."""
-    return schema.prompt_columns(schema.read_table(path)).to_pylist()
+    trajectories file (``columns``, ``split``: see `schema.read_table`)."""
+    return schema.prompt_columns(schema.read_table(path, columns=columns, split=split)).to_pylist()
 
 
 @torch.no_grad()
@@ -52,6 +52,8 @@ def evaluate(
     max_new_tokens: int = 32,
     seed: int = 0,
     batch: int = 256,
+    verifier: str = "auto",
+    partial: bool = False,
 ) -> dict:
     """Sample `n_samples` responses per row, verify them, and summarise.
 
@@ -60,6 +62,7 @@ def evaluate(
         temperature: 0 = greedy (then n_samples must be 1).
         seed: seeds the sampling generator (unused when greedy).
         batch: sequences per `models.sample` call.
+        verifier, partial: how responses are verified (`cropi.rewards.reward`).
 
     Returns: {"n": prompts, "n_samples", "accuracy": mean c/n, "pass@k": {k: mean pass@k}
     (k in `ks_for(n_samples)`, as strings), "mean_reward", "resp_len" (mean tokens), "trunc_rate",
@@ -87,10 +90,11 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             generator=gen,
         )
-    rewards = np.asarray(
-        tasks.rewards(models.decode_responses(policy, responses), flat_rows), dtype=np.float64
+    rew = np.asarray(
+        rewards.rewards(models.decode_responses(policy, responses), flat_rows, verifier=verifier, partial=partial),
+        dtype=np.float64,
     ).reshape(len(rows), n_samples)
-    correct = (rewards >= schema.PASS_THRESHOLD).sum(axis=1)
+    correct = (rew >= schema.PASS_THRESHOLD).sum(axis=1)
     acc = correct / n_samples
     eos = policy.tokenizer.eos_token_id
     per_task: dict[str, list[float]] = {}
@@ -104,7 +108,7 @@ def evaluate(
             str(k): float(np.mean([pass_at_k(n_samples, int(c), k) for c in correct]))
             for k in ks_for(n_samples)
         },
-        "mean_reward": float(rewards.mean()),
+        "mean_reward": float(rew.mean()),
         "resp_len": float(np.mean([len(x) for x in responses])),
         "trunc_rate": float(np.mean([models.is_truncated(x, eos) for x in responses])),
         "per_task": {t: float(np.mean(v)) for t, v in sorted(per_task.items())},
@@ -122,6 +126,10 @@ def run_eval(
     device: str = "cpu",
     out=None,
     policy: models.Policy | None = None,
+    verifier: str = "auto",
+    partial: bool = False,
+    columns: dict | None = None,
+    split: str | None = None,
 ) -> dict:
     """`cropi eval`: evaluate `model` (or the given in-memory `policy`) on every file in `sets`.
 
@@ -131,7 +139,7 @@ def run_eval(
     if not sets:
         raise schema.InputError("--target", None, None, "at least one set to evaluate is needed")
     t0 = time.time()
-    loaded = [load_set(p) for p in sets]  # read every file before the model loads: fail fast
+    loaded = [load_set(p, columns=columns, split=split) for p in sets]  # read every file before the model loads: fail fast
     policy = policy or models.load(model, device=device)
     results = {}
     for name, path, rows in zip(set_names(sets), sets, loaded):
@@ -142,6 +150,8 @@ def run_eval(
             temperature=temperature,
             max_new_tokens=max_new_tokens,
             seed=derive_seed(seed, name),
+            verifier=verifier,
+            partial=partial,
         )
         results[name] = {"path": str(path), **res}
     report = {
@@ -151,6 +161,8 @@ def run_eval(
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "verifier": verifier,
+        "partial_credit": partial,
         "sets": results,
         "seconds": round(time.time() - t0, 2),
     }

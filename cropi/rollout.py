@@ -16,14 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cropi import models, schema, tasks
+from cropi import models, rewards, schema
 from cropi.distributed import barrier
 from cropi.runtime import derive_seed, progress
 
 
 def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
-                 seed: int, top_p: float = 1.0, micro_batch: int = 512) -> dict[str, list]:
-    """Sample ``n`` responses for each prompt row (one batched loop), reward and score them.
+                 seed: int, top_p: float = 1.0, micro_batch: int = 512, verifier: str = "auto",
+                 partial: bool = False) -> dict[str, list]:
+    """Sample ``n`` responses for each prompt row (one batched loop), reward and score them
+    (``verifier``, ``partial``: see :func:`cropi.rewards.reward`).
 
     Returns columns: responses [P][n] str, rewards [P][n] float, response_token_ids [P][n][L_ij],
     behavior_logprobs [P][n][L_ij] (a fresh forward pass at ``temperature``)."""
@@ -36,7 +38,7 @@ def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature
                                   max_new_tokens=max_new_tokens, generator=g, top_p=top_p)
     texts = models.decode_responses(policy, resp_ids)
     flat_rows = [r for r in rows for _ in range(n)]
-    rew = tasks.rewards(texts, flat_rows)
+    rew = rewards.rewards(texts, flat_rows, verifier=verifier, partial=partial)
     logps = models.response_logprobs(policy, flat_prompts, resp_ids, temperature)
 
     def group(xs):
@@ -52,13 +54,17 @@ def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature
 
 def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperature: float = 1.0,
             max_new_tokens: int = 32, seed: int = 0, chunk: int = 64, top_p: float = 1.0, resume: bool = False,
-            device: str = "cpu", limit: int | None = None, rank: int = 0, world: int = 1) -> Path:
+            device: str = "cpu", limit: int | None = None, rank: int = 0, world: int = 1,
+            verifier: str = "auto", partial: bool = False, columns: dict | None = None, split: str | None = None) -> Path:
     """Roll out every prompt of ``prompts_path`` and write a trajectories Parquet file to ``out``.
+    ``columns`` and ``split`` select what is read (`schema.read_table`).
 
     With ``world > 1`` this process samples only the chunks c with c % world == rank and leaves
     them in OUT.parts/; the caller merges once all ranks are done (see :func:`merge_parts`)."""
     prompts_path, out = Path(prompts_path), Path(out)
-    table = schema.prompt_columns(schema.read_table(prompts_path))
+    schema.output_format(out, ("parquet",))
+    rewards.uses_math("", verifier)  # an unknown verifier fails before the model loads
+    table = schema.prompt_columns(schema.read_table(prompts_path, columns=columns, split=split))
     if limit is not None:
         table = table.slice(0, limit)
     parts = _parts_dir(out)
@@ -83,6 +89,8 @@ def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperat
         "seed": seed,
         "chunk": chunk,
         "rows": table.num_rows,
+        "verifier": verifier,
+        "partial_credit": partial,
     }
     parts.mkdir(parents=True, exist_ok=True)
     _check_parts_meta(parts, meta, out)
@@ -95,7 +103,8 @@ def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperat
     for c in todo:
         rows_tbl = table.slice(c * chunk, chunk)
         cols = rollout_rows(policy, rows_tbl.to_pylist(), n=n, temperature=temperature,
-                            max_new_tokens=max_new_tokens, seed=derive_seed(seed, "rollout", c), top_p=top_p)
+                            max_new_tokens=max_new_tokens, seed=derive_seed(seed, "rollout", c), top_p=top_p,
+                            verifier=verifier, partial=partial)
         part = rows_tbl
         for name, values in cols.items():
             part = part.append_column(name, pa.array(values, type=schema.TRAJECTORY_SCHEMA.field(name).type))

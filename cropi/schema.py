@@ -7,8 +7,8 @@ Formats
 - features index: id, grad_norm, n_tokens, status, reason
 
 Readers accept Parquet, JSONL (cropi rows or the public CROPI rollout lines
-``{prompt, answer, responses, rewards}``) and a ``datasets`` dataset saved with
-``save_to_disk``. Bad input raises :class:`InputError`, one line naming file, row and field.
+``{prompt, answer, responses, rewards}``), ``datasets`` folders (``save_to_disk``) and names in
+the local HF cache, and verl RL Parquet; users' column names are mapped (:func:`read_table`). Bad input raises :class:`InputError`, one line naming file, row and field.
 Writers go through a temporary name and an atomic rename.
 """
 
@@ -100,12 +100,19 @@ def stable_id(prompt: str, answer: str) -> str:
     return hashlib.sha1(f"{prompt}\0{answer}".encode()).hexdigest()[:16]
 
 
-def _rows_to_table(rows: list[dict], path) -> pa.Table:
-    """JSONL rows (cropi or public-CROPI style) -> Arrow table with cropi column names."""
+def _rows_to_table(rows: list[dict], path, columns: dict | None = None) -> pa.Table:
+    """JSONL rows (cropi or public-CROPI style) -> Arrow table with cropi column names
+    (``columns`` renames the user's keys first, see :func:`read_table`)."""
+    rename = {src: dst for dst, src in (columns or {}).items()}
+    if rename:
+        def mapped(k, v):  # a mapped integer answer or id becomes its decimal string, as in map_columns
+            return str(v) if rename.get(k) in ("answer", "id") and isinstance(v, int) and not isinstance(v, bool) else v
+
+        rows = [{rename.get(k, k): mapped(k, v) for k, v in row.items() if k not in columns or k in rename} for row in rows]
     for i, row in enumerate(rows):
         for name in ("prompt", "answer"):
             if name not in row:
-                raise InputError(path, i, name, "missing column")
+                raise InputError(path, i, name, "missing column" + _mapping_hint(name))
         row.setdefault("id", stable_id(str(row["prompt"]), str(row["answer"])))
         if "responses" in row:
             row.setdefault("behavior", "unknown")
@@ -130,16 +137,7 @@ def _rows_to_table(rows: list[dict], path) -> pa.Table:
     return pa.table(cols)
 
 
-def _read_raw(path: Path) -> pa.Table:
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            import datasets
-
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                raise InputError(path, None, None, f"a DatasetDict ({list(ds)}); pass one split's folder")
-            return ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
-        raise InputError(path, None, None, "a directory that is not a saved `datasets` dataset")
+def _read_raw(path: Path, columns: dict | None = None) -> pa.Table:
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if suffix in (".parquet", ".pq"):
         try:
@@ -164,7 +162,7 @@ def _read_raw(path: Path) -> pa.Table:
                 rows.append(obj)
         if not rows:
             raise InputError(path, None, None, "no rows")
-        return _rows_to_table(rows, path)
+        return _rows_to_table(rows, path, columns)
     raise InputError(path, None, None, f"unknown format {suffix!r} (expected .parquet, .jsonl or a datasets folder)")
 
 
@@ -177,17 +175,199 @@ def detect_kind(table: pa.Table) -> str:
     return "prompts"
 
 
-def read_table(path, kind: str | None = None) -> pa.Table:
+COLUMN_KEYS = ("prompt", "answer", "id")  # what --prompt-column etc. / data.columns map
+_COLUMN_OPTIONS = {k: f"--{k}-column" for k in COLUMN_KEYS}
+
+
+def _mapping_hint(name: str) -> str:
+    return f" (name yours with {_COLUMN_OPTIONS[name]})" if name in _COLUMN_OPTIONS else ""
+
+
+def check_columns(columns: dict | None) -> dict:
+    """``columns`` ({cropi name: the user's column}) without unset entries; ValueError on keys
+    other than COLUMN_KEYS or non-string names."""
+    out = {k: v for k, v in (columns or {}).items() if v is not None}
+    for k, v in out.items():
+        if k not in COLUMN_KEYS:
+            raise InputError("columns", None, k, f"cannot be mapped (mappable: {', '.join(COLUMN_KEYS)})")
+        if not isinstance(v, str) or not v:
+            raise InputError("columns", None, k, f"column name must be a non-empty string, got {v!r}")
+    return out
+
+
+def map_columns(table: pa.Table, columns: dict | None, path) -> pa.Table:
+    """Rename the user's columns to cropi's: ``columns`` = {"prompt": "question", ...}. A cropi
+    column of the same name that was not mapped is dropped; a mapped answer or id is made a
+    string. Missing source column -> InputError naming the option."""
+    columns = check_columns(columns)
+    names = table.column_names
+    for dst, src in columns.items():
+        if src not in names:
+            raise InputError(path, None, src, f"no such column for {_COLUMN_OPTIONS[dst]} (columns: {', '.join(names)})")
+    sources = set(columns.values())
+    keep = [n for n in names if n in sources or n not in columns]
+    table = table.select(keep)
+    rename = {src: dst for dst, src in columns.items()}
+    table = table.rename_columns([rename.get(n, n) for n in table.column_names])
+    for name in ("answer", "id"):
+        if name in columns and pa.types.is_integer(table.schema.field(name).type):
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, table.column(name).cast(pa.string()))
+    return table
+
+
+def fill_defaults(table: pa.Table, path) -> pa.Table:
+    """Add the columns a user's table may lack, as JSONL rows get them: id (:func:`stable_id`),
+    task "unknown", difficulty 0, split "train", and behavior "unknown" for trajectories."""
+    names = set(table.column_names)
+    for name in ("prompt", "answer"):
+        if name not in names:
+            raise InputError(path, None, name, "missing column" + _mapping_hint(name))
+    n = table.num_rows
+    if "id" not in names:
+        ids = [stable_id(str(p), str(a)) for p, a in zip(table.column("prompt").to_pylist(), table.column("answer").to_pylist())]
+        table = table.append_column("id", pa.array(ids, pa.string()))
+    defaults = {"task": ("unknown", pa.string()), "difficulty": (0, pa.int32()), "split": ("train", pa.string())}
+    if "responses" in names:
+        defaults["behavior"] = ("unknown", pa.string())
+    for name, (value, typ) in defaults.items():
+        if name not in names:
+            table = table.append_column(name, pa.array([value] * n, typ))
+    return table
+
+
+def is_verl(table: pa.Table) -> bool:
+    """A verl RL dataset: chat-message ``prompt`` and a ``reward_model`` struct."""
+    names = table.column_names
+    return "reward_model" in names and "prompt" in names and pa.types.is_list(table.schema.field("prompt").type)
+
+
+def from_verl(table: pa.Table) -> pa.Table:
+    """verl RL Parquet rows -> prompt rows: prompt = the messages' contents (system, then user,
+    joined by a blank line), answer = ``reward_model.ground_truth``, task = ``data_source``;
+    id, difficulty, split and metadata from ``extra_info`` when it has them."""
+    cols: dict[str, list] = {k: [] for k in ("id", "prompt", "answer", "task", "difficulty", "split", "metadata")}
+    for row in table.select([c for c in ("prompt", "reward_model", "data_source", "extra_info") if c in table.column_names]).to_pylist():
+        messages = row["prompt"] or []
+        prompt = "\n\n".join(str(m.get("content", "")) for m in messages if m.get("role") in ("system", "user"))
+        rm = row.get("reward_model") or {}
+        gt = rm.get("ground_truth")
+        extra = row.get("extra_info") or {}
+        answer = gt if isinstance(gt, str) or gt is None else json.dumps(gt)
+        cols["prompt"].append(prompt)
+        cols["answer"].append(answer)
+        cols["task"].append(row.get("data_source") or "unknown")
+        cols["id"].append(str(extra["id"]) if extra.get("id") is not None else stable_id(prompt, str(answer)))
+        cols["difficulty"].append(int(extra.get("difficulty") or 0))
+        cols["split"].append(str(extra.get("split") or "train"))
+        meta = extra.get("metadata")
+        cols["metadata"].append(meta if isinstance(meta, str) or meta is None else json.dumps(meta, sort_keys=True))
+    if all(m is None for m in cols["metadata"]):
+        del cols["metadata"]
+    return pa.table(cols)
+
+
+def _datasets_table(ds, path, split: str | None) -> pa.Table:
+    """Arrow table of a ``datasets`` Dataset, or of ``split`` of a DatasetDict."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise InputError(path, None, None, f"a DatasetDict with splits {list(ds)}: choose one with --split")
+            split = next(iter(ds))
+        if split not in ds:
+            raise InputError(path, None, None, f"no split {split!r} (splits: {', '.join(ds)})")
+        ds = ds[split]
+    elif split is not None and getattr(ds, "split", None) not in (None, split):
+        raise InputError(path, None, None, f"--split {split}: this dataset holds split {ds.split}")
+    return ds.with_format("arrow")[:]
+
+
+def _read_datasets(path, split: str | None) -> pa.Table:
+    """A ``save_to_disk`` folder (Dataset or DatasetDict), or a dataset name in the local HF cache
+    (offline: nothing is downloaded)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    if Path(path).is_dir():
+        p = Path(path)
+        if not any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise InputError(path, None, None, "a directory that is not a saved `datasets` dataset")
+        return _datasets_table(datasets.load_from_disk(str(p)), path, split)
+    try:
+        ds = datasets.load_dataset(str(path), split=split)
+    except ValueError as e:  # unknown split
+        raise InputError(path, None, None, str(e).splitlines()[0]) from None
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for "not there"
+        raise InputError(path, None, None, "no such file, and no dataset of that name in the local HF cache "
+                         f"({type(e).__name__}; cropi reads the cache offline)") from None
+    return _datasets_table(ds, path, split)
+
+
+def _looks_like_dataset_name(path) -> bool:
+    s = str(path)
+    return s.count("/") <= 1 and not s.startswith((".", "/")) and Path(s).suffix == "" and bool(s.strip())
+
+
+def read_table(path, kind: str | None = None, *, columns: dict | None = None, split: str | None = None) -> pa.Table:
     """Read and validate a prompts / trajectories / scores table from any supported format.
 
+    Sources: Parquet, JSONL (cropi rows or the public CROPI rollout lines), a ``datasets``
+    ``save_to_disk`` folder (a DatasetDict needs ``split`` unless it has one split), a dataset
+    name in the local HF cache (``user/name``, read offline), and verl RL Parquet (chat
+    ``prompt``, ``reward_model.ground_truth``, ``data_source``). ``columns`` maps cropi's
+    names to the user's: {"prompt": "question", "answer": "solution", "id": "uid"}. Missing
+    id/task/difficulty/split (and behavior) are filled the same way for every source.
     Columns are cast to the canonical Arrow types; extra columns are kept.
     """
     path = Path(path)
-    if not path.exists():
+    columns = check_columns(columns)
+    if path.is_dir() or (not path.exists() and _looks_like_dataset_name(path)):
+        table = _read_datasets(path, split)
+    elif not path.exists():
         raise InputError(path, None, None, "no such file")
-    table = _read_raw(path)
+    else:
+        if split is not None:
+            raise InputError(path, None, None, "--split applies to datasets folders and names only")
+        table = _read_raw(path, columns)
+    if is_verl(table) and "prompt" not in columns:
+        table = from_verl(table)
     kind = kind or detect_kind(table)
+    if kind != "scores":
+        jsonl = path.is_file() and path.name.lower().endswith((".jsonl", ".json", ".jsonl.gz"))  # mapped row by row
+        table = fill_defaults(table if jsonl else map_columns(table, columns, path), path)
     return validate(table, kind, path)
+
+
+def output_format(path, allowed=("parquet", "jsonl", "jsonl.gz")) -> str:
+    """The format an output file's name asks for ("parquet", "jsonl" or "jsonl.gz"); InputError
+    when the name has none of ``allowed``."""
+    name = Path(path).name.lower()
+    fmt = next((f for f in sorted(allowed, key=len, reverse=True) if name.endswith("." + f)), None)
+    if fmt is None:
+        raise InputError(path, None, None, f"output name must end in {' or '.join('.' + f for f in allowed)} "
+                         "(the format follows the name)")
+    return fmt
+
+
+def write_table(table: pa.Table, path, metadata: dict | None = None) -> Path:
+    """Write ``table`` in the format its name asks for (:func:`output_format`), atomically.
+    Parquet carries ``metadata`` (:func:`write_parquet_atomic`); JSONL writes one object per
+    row (NaN as null) and no metadata."""
+    fmt = output_format(path)
+    if fmt == "parquet":
+        return write_parquet_atomic(table, path, metadata)
+    import gzip
+
+    with atomic_file(path) as tmp:
+        opener = gzip.open if fmt == "jsonl.gz" else open
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            for row in table.to_pylist():
+                row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------- validation

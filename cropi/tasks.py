@@ -13,9 +13,8 @@ values are parsed by the field's default type (bool, int, float, str; lists and 
 
 Every prompt is the reasoning-gym question followed by one fixed line asking for the final
 answer after ``Answer:``, and ends with a newline, so a model's response starts with
-``Answer: ...``. The reward of a response is the task's own reasoning-gym scorer applied to the
-text after its last ``Answer:``, or math-verify for tasks named ``math`` and for tasks
-reasoning-gym does not know (user pools).
+``Answer: ...``. Rewards come from :mod:`cropi.rewards` (the task's own reasoning-gym scorer, or
+math-verify for tasks named ``math`` and tasks reasoning-gym does not know).
 """
 
 from __future__ import annotations
@@ -24,23 +23,22 @@ import dataclasses
 import hashlib
 import json
 import math
+import signal
 import threading
-from functools import cache
+from contextlib import contextmanager
 from importlib.metadata import version
 
 import pyarrow as pa
 
 from cropi import schema
+from cropi.rewards import ANSWER_PREFIX
 from cropi.runtime import derive_seed
 
-ANSWER_PREFIX = "Answer:"
 ANSWER_INSTRUCTION = f'Reply with "{ANSWER_PREFIX} <answer>".'
 
 # Disjoint slices of the question space: a question belongs to the split whose bucket range holds
 # sha256(question) mod 100, so train, val and test pools never share a question whatever the seeds.
 SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}
-
-MATH_TASKS = frozenset({"math"})  # always scored by math-verify
 
 # Registered names that cannot be used with a one-line "Answer:" format: `composite` mixes other
 # datasets, the rest have answers spanning several lines (grids, boards, move lists); found by
@@ -77,6 +75,40 @@ DEFAULT_HELDOUT_SPECS = (
 )
 
 
+# Specs that do not generate or do not verify with reasoning-gym 0.1.25, found by sweeping every
+# task and level (4 prompts each, 20 s limit; tests/test_task_suite.py re-sweeps them): "NAME"
+# for every level, "NAME:N" for level N. They are left out of `cropi tasks list` and refused.
+_BROKEN: dict[str, str] = {
+    "boxnet": "stores the answer as 'None' (no gold answer to verify against)",
+    "caesar_cipher:2": 'invalid config at this level: rotation must be in range [1,25]',
+    "countdown:1": 'generation fails: ValueError: Failed to generate valid expression after 100 attempts',
+    "countdown:2": 'generation fails: ValueError: Failed to generate valid expression after 100 attempts',
+    "countdown:3": 'generation fails: ValueError: Failed to generate valid expression after 100 attempts',
+    "graph_color": "stores the answer as 'None' (no gold answer to verify against)",
+    "jugs:2": 'generation hangs (> 20 s for 4 prompts)',
+    "jugs:3": 'generation hangs (> 20 s for 4 prompts)',
+    "knight_swap": "no level generates (level 0: min_nodes must be >= 6; levels 1-4: no valid puzzle after 100 boards)",
+    "letter_jumble:2": 'generation fails: ValueError: empty range for randrange() (0, -32, -32)',
+    "letter_jumble:3": 'generation fails: ValueError: empty range for randrange() (0, -64, -64)',
+    "number_sequence:2": 'generation hangs (> 20 s for 4 prompts)',
+    "number_sequence:3": 'generation hangs (> 20 s for 4 prompts)',
+    "propositional_logic": "stores the answer as 'None' (no gold answer to verify against)",
+    "puzzle24:2": 'generation hangs (> 20 s for 4 prompts)',
+    "puzzle24:3": 'generation hangs (> 20 s for 4 prompts)',
+    "puzzle24:4": 'generation hangs (> 20 s for 4 prompts)',
+    "puzzle24:5": 'generation hangs (> 20 s for 4 prompts)',
+    "rubiks_cube": "stores the answer as 'None' (no gold answer to verify against)",
+    "rush_hour": "stores the answer as 'None' (no gold answer to verify against)",
+    "sokoban:0": 'generation hangs (> 20 s for 4 prompts)',
+    "sokoban:13": 'generation hangs (> 20 s for 4 prompts)',
+    "spell_backward:4": 'generation fails: IndexError: Cannot choose from an empty sequence',
+    "word_ladder": "its scorer fails on the gold answer (KeyError)",
+    "zebra_puzzles:4": 'generation hangs (> 20 s for 4 prompts)',
+    "zebra_puzzles:5": 'generation hangs (> 20 s for 4 prompts)',
+}
+GENERATE_SECONDS = 60  # CPU seconds; a spec whose pool takes longer is a generator hang: one-line error
+
+
 def _registry() -> dict:
     """reasoning-gym's {name: (dataset class, config class)} (importing it registers them all)."""
     import reasoning_gym  # noqa: F401
@@ -86,8 +118,19 @@ def _registry() -> dict:
 
 
 def list_tasks() -> list[str]:
-    """Sorted reasoning-gym dataset names usable in a task spec."""
-    return sorted(set(_registry()) - _EXCLUDED)
+    """Sorted reasoning-gym dataset names usable in a task spec (at least one working level)."""
+    return sorted(n for n in set(_registry()) - _EXCLUDED if n not in _BROKEN)
+
+
+def broken(task: str, level: int) -> str | None:
+    """Why ``task`` at ``level`` cannot be used (generation fails, hangs or cannot be
+    verified), or None when it works."""
+    return _BROKEN.get(task) or _BROKEN.get(f"{task}:{level}")
+
+
+def working_levels(task: str) -> list[int]:
+    """The difficulty levels of ``task`` that generate prompts whose gold answers verify."""
+    return [lv for lv in range(num_levels(task)) if broken(task, lv) is None]
 
 
 def num_levels(task: str) -> int:
@@ -104,13 +147,15 @@ def num_levels(task: str) -> int:
 
 
 def _check_task(task: str) -> None:
-    if task in _registry() and task not in _EXCLUDED:
+    if task in _registry() and task not in _EXCLUDED and task not in _BROKEN:
         return
     import difflib
 
     if task in _EXCLUDED:
         raise ValueError(f"task {task!r}: its answers span several lines, which the one-line "
                          f"{ANSWER_PREFIX!r} format cannot hold")
+    if task in _BROKEN:
+        raise ValueError(f"task {task!r}: {_BROKEN[task]}")
     close = difflib.get_close_matches(task, list_tasks(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `cropi tasks list` shows them"
     raise ValueError(f"unknown task {task!r}{hint}")
@@ -190,6 +235,10 @@ def parse_task_spec(spec: str) -> tuple[str, dict]:
                 opts[key] = _coerce(key, raw, _default(fields[key]))
             except ValueError as e:
                 raise ValueError(f"task spec {spec!r}: {e}") from None
+    level = opts.get("difficulty", 0)
+    if broken(name, level) and set(opts) <= {"difficulty"}:
+        ok = ", ".join(map(str, working_levels(name)))
+        raise ValueError(f"task spec {spec!r}: level {level} {broken(name, level)} (working levels: {ok})")
     _config(name, opts, seed=0, size=1, spec=spec)
     return name, opts
 
@@ -252,23 +301,62 @@ def _draw(name: str, opts: dict, *, n: int, seed: int, split: str, seen: set, sp
     lo, hi = SPLITS[split]
     budget = 3 * math.ceil(n * 100 / (hi - lo)) + 100
     cfg = _config(name, opts, seed=seed, size=budget, spec=spec)
-    dataset = _registry()[name][0](config=cfg)
     out = []
-    for idx in range(budget):
-        if len(out) == n:
-            break
-        try:
-            entry = dataset[idx]
-        except Exception as e:  # a generator bug at this config: name it, one line
-            raise ValueError(f"task spec {spec!r}: reasoning-gym failed on item {idx}: {type(e).__name__}: {e}") from None
-        question, answer = entry["question"], str(entry["answer"])
-        if "\n" in answer.strip():
-            raise ValueError(f"task spec {spec!r}: answers span several lines (item {idx})")
-        if question in seen or not lo <= _bucket(question) < hi:
-            continue
-        seen.add(question)
-        out.append({"question": question, "answer": answer, "metadata": entry.get("metadata", {})})
+    with _time_limit(GENERATE_SECONDS, spec):
+        dataset = _registry()[name][0](config=cfg)
+        for idx in range(budget):
+            if len(out) == n:
+                break
+            try:
+                entry = dataset[idx]
+            except Exception as e:  # a generator bug at this config: name it, one line
+                msg = str(e).splitlines()[0] if str(e) else ""
+                raise ValueError(f"task spec {spec!r}: reasoning-gym failed on item {idx}: {type(e).__name__}: {msg}") from None
+            _add_entry(out, entry, idx, spec=spec, seen=seen, lo=lo, hi=hi)
     return out
+
+
+class _Timeout(BaseException):  # not Exception: generators that catch Exception must not swallow it
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float, spec: str):
+    """Raise ValueError when the block uses more than ``seconds`` of CPU time (the process's, so a
+    loaded machine does not trip it; main thread only: signals)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def fire(*_):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGPROF, fire)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    except _Timeout:
+        raise ValueError(f"task spec {spec!r}: reasoning-gym did not finish within {seconds} CPU seconds "
+                         "(its generator hangs at this config)") from None
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
+
+
+def _add_entry(out: list, entry: dict, idx: int, *, spec: str, seen: set, lo: int, hi: int) -> None:
+    """Append one reasoning-gym entry to ``out`` unless its question is taken or outside the
+    split's buckets; ValueError for an entry cropi cannot verify (no answer, several lines)."""
+    question, raw = entry["question"], entry.get("answer")
+    answer = "" if raw is None else str(raw)
+    if answer.strip() in ("", "None"):
+        raise ValueError(f"task spec {spec!r}: item {idx} has no answer ({raw!r}), so no response can be "
+                         "verified against it")
+    if "\n" in answer.strip():
+        raise ValueError(f"task spec {spec!r}: answers span several lines (item {idx})")
+    if question in seen or not lo <= _bucket(question) < hi:
+        return
+    seen.add(question)
+    out.append({"question": question, "answer": answer, "metadata": entry.get("metadata", {})})
 
 
 POOL_SCHEMA = pa.schema(list(schema.PROMPT_SCHEMA) + list(schema.OPTIONAL_PROMPT_FIELDS))
@@ -280,7 +368,7 @@ def make_pool(specs: list[str], n: int, seed: int, split: str = "train") -> pa.T
     Columns (POOL_SCHEMA): id str (``TASK-<12 hex of sha256(task, question)>``: unique and the
     same for the same question in any pool), prompt str (:func:`format_prompt`), answer str,
     task str, difficulty int32, split str, metadata str (JSON of the reasoning-gym entry
-    metadata; :func:`reward` re-scores with it).
+    metadata; :func:`cropi.rewards.reward` re-scores with it).
 
     Spec i draws from reasoning-gym with seed ``derive_seed(seed, "tasks", split, canonical
     spec)``, so the same (specs, n, seed, split) gives an identical table and splits draw
@@ -324,79 +412,6 @@ def make_pool(specs: list[str], n: int, seed: int, split: str = "train") -> pa.T
 def format_prompt(question: str) -> str:
     """``question`` + newline + the fixed answer instruction + newline."""
     return f"{question.strip()}\n{ANSWER_INSTRUCTION}\n"
-
-
-def extract_answer(response: str) -> str | None:
-    """The text after the last ``Answer:`` up to the end of that line, stripped; None if absent."""
-    if not isinstance(response, str):
-        return None
-    i = response.rfind(ANSWER_PREFIX)
-    if i < 0:
-        return None
-    rest = response[i + len(ANSWER_PREFIX):].splitlines()
-    return rest[0].strip() if rest else ""
-
-
-@cache
-def _scorer(task: str):
-    from reasoning_gym.factory import get_score_answer_fn
-
-    return get_score_answer_fn(task)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def math_reward(pred: str, gold: str) -> float:
-    """1.0 when math-verify finds ``pred`` equivalent to ``gold`` (e.g. "1/2" vs "0.5" or
-    "\\frac{1}{2}"), else 0.0. Falls back to exact string match when either side does not parse.
-    math-verify's signal-based timeouts only work in the main thread; elsewhere they are off."""
-    from math_verify import parse, verify
-
-    t = 5 if _main_thread() else None
-    g = parse(gold, parsing_timeout=t) or parse(f"${gold}$", parsing_timeout=t)
-    p = parse(pred, parsing_timeout=t)
-    if g and p:
-        return float(verify(g, p, timeout_seconds=t))
-    return float(pred.strip() == gold.strip())
-
-
-def _metadata(metadata) -> dict:
-    if isinstance(metadata, dict):
-        return metadata
-    if isinstance(metadata, str) and metadata:
-        try:
-            value = json.loads(metadata)
-        except json.JSONDecodeError:
-            return {}
-        return value if isinstance(value, dict) else {}
-    return {}
-
-
-def reward(response: str, answer: str, task: str, metadata: str | dict | None = None) -> float:
-    """Reward in [0, 1] of one response: 0.0 without ``Answer:``; else the task's reasoning-gym
-    scorer on the extracted answer (entry rebuilt from ``answer`` and ``metadata``), or
-    :func:`math_reward` for MATH_TASKS and tasks unknown to reasoning-gym. Never raises."""
-    pred = extract_answer(response)
-    if pred is None:
-        return 0.0
-    try:
-        if task in MATH_TASKS or task not in _registry():
-            r = math_reward(pred, str(answer))
-        else:
-            r = float(_scorer(task)(pred, {"answer": str(answer), "metadata": _metadata(metadata)}))
-    except Exception:  # a scorer choking on garbage output scores 0, it never stops a run
-        return 0.0
-    return min(max(r, 0.0), 1.0) if math.isfinite(r) else 0.0
-
-
-def rewards(responses: list[str], rows: list[dict]) -> list[float]:
-    """:func:`reward` for each (response, row); rows carry ``answer``, ``task`` and optionally
-    ``metadata``."""
-    if len(responses) != len(rows):
-        raise ValueError(f"{len(responses)} responses for {len(rows)} rows")
-    return [reward(r, row["answer"], row.get("task", "unknown"), row.get("metadata")) for r, row in zip(responses, rows)]
 
 
 def summarize_pool(table: pa.Table) -> dict:

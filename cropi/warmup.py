@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cropi import models, tasks
+from cropi import models, rewards, tasks
 from cropi.runtime import derive_seed, progress
 
 # Every default family at every level the task suite offers for it (a superset of the pools).
@@ -49,7 +49,7 @@ def pass_rate(policy: models.Policy, rows: list[dict], *, seed: int = 0, max_new
     g = torch.Generator().manual_seed(seed)
     resp = models.sample(policy, models.encode_prompts(policy, [r["prompt"] for r in rows]),
                          temperature=temperature, max_new_tokens=max_new_tokens, generator=g)
-    rew = tasks.rewards(models.decode_responses(policy, resp), rows)
+    rew = rewards.rewards(models.decode_responses(policy, resp), rows)
     return sum(r >= 0.5 for r in rew) / len(rows)
 
 

@@ -75,7 +75,14 @@ def prepare_data(cfg: dict, root: Path) -> dict:
                     max_new_tokens=ro["max_new_tokens"], seed=s, resume=True, device=cfg["device"])
         return out
 
-    pool = prompts(d / "pool.parquet", _specs(data["pool"], "pool"), data["pool_per_spec"], "train", seed)
+    if data["pool_source"]:  # the user's own prompts, read with data.columns / data.split
+        pool = d / "pool.parquet"
+        if not pool.exists():
+            table = schema.read_table(data["pool_source"], "prompts", columns=data["columns"], split=data["split"])
+            schema.write_parquet_atomic(schema.prompt_columns(table), pool,
+                                        metadata={"kind": "prompts", "source": str(data["pool_source"])})
+    else:
+        pool = prompts(d / "pool.parquet", _specs(data["pool"], "pool"), data["pool_per_spec"], "train", seed)
     out = {"pool": pool, "pool_traj": traj(pool, derive_seed(seed, "rollout", "pool")), "targets": {}, "tests": {}, "heldout": {}}
     per = {"targets": data["target_per_spec"], "heldout": data["heldout_per_spec"]}
     for name, specs in data["targets"].items():

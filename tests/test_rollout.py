@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from cropi import models, rollout, schema, tasks
+from cropi import models, rewards, rollout, schema, tasks
 from cropi.cli import main
 
 
@@ -35,7 +35,7 @@ def test_rollout_shapes_rewards_and_logprobs(tmp_path, model_dir, prompts):
             assert 1 <= len(ids) <= 10 and len(lp) == len(ids)
             assert pol.tokenizer.decode(ids, skip_special_tokens=True) == text
         # rewards equal an independent re-verification with the task's scorer
-        assert row["rewards"] == pytest.approx([tasks.reward(r, row["answer"], row["task"], row["metadata"]) for r in row["responses"]])
+        assert row["rewards"] == pytest.approx([rewards.reward(r, row["answer"], row["task"], row["metadata"]) for r in row["responses"]])
     # behaviour log-probs equal a fresh forward pass of the model on the same tokens
     p_ids = models.encode_prompts(pol, [rows[0]["prompt"]])[0]
     fresh = models.response_logprobs(pol, [p_ids] * 4, rows[0]["response_token_ids"])

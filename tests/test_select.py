@@ -423,19 +423,20 @@ def test_exports_round_trip(tmp_path):
         "prompt": [{"role": "user", "content": "q1"}],
         "ability": "mul",
         "reward_model": {"style": "rule", "ground_truth": "a1"},
-        "extra_info": {"index": 1, "id": "p1", "task": "mul", "difficulty": 1},
+        "extra_info": {"index": 1, "id": "p1", "task": "mul", "difficulty": 1, "split": "train", "metadata": None},
     }
     assert [r["extra_info"]["index"] for r in v] == [0, 1, 2]
     assert [r["reward_model"]["ground_truth"] for r in v] == ["a0", "a1", "a2"]
 
     t = datasets.Dataset.from_parquet(str(E.export_stage(out, 0, "trl", tmp_path / "trl.parquet")))
-    assert t.column_names == ["prompt", "answer", "id", "task", "difficulty"]
+    assert t.column_names == ["prompt", "answer", "id", "task", "difficulty", "metadata"]
     assert t.to_dict() == {
         "prompt": ["q0", "q1", "q2"],
         "answer": ["a0", "a1", "a2"],
         "id": ["p0", "p1", "p2"],
         "task": ["add", "mul", "add"],
         "difficulty": [0, 1, 2],
+        "metadata": [None, None, None],
     }
     meta = json.loads(pq.read_schema(tmp_path / "trl.parquet").metadata[b"cropi"])
     assert meta["format"] == "trl" and meta["manifest"]["stage"] == 0

@@ -19,7 +19,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cropi import curriculum, models, schema, tasks
+from cropi import curriculum, models, rewards, schema, tasks
 from cropi.cli import main
 from cropi.evaluate import evaluate, ks_for, pass_at_k
 from cropi.train import checkpoint as ckpt
@@ -421,7 +421,7 @@ def test_greedy_accuracy_equals_one_prompt_at_a_time(tiny_policy, data):
         ids = models.encode_prompts(tiny_policy, [r["prompt"]])
         out = models.sample(tiny_policy, ids, temperature=0.0, max_new_tokens=16)
         alone.append(
-            tasks.reward(
+            rewards.reward(
                 models.decode_responses(tiny_policy, out)[0], r["answer"], r["task"], r["metadata"]
             )
             >= 0.5

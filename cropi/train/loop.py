@@ -60,6 +60,7 @@ import torch
 import yaml
 
 from cropi import config, curriculum, models, schema, tasks
+from cropi.rewards import rewards as task_rewards
 from cropi.evaluate import evaluate, load_set, set_names
 from cropi.runtime import derive_seed, progress
 from cropi.train import checkpoint as ckpt
@@ -315,7 +316,7 @@ def open_stage(
     demos = demo_rewards = None
     if cfg.rl_plus:
         demos = [demonstration(policy, r) for r in rows]
-        demo_rewards = tasks.rewards(models.decode_responses(policy, demos), rows)
+        demo_rewards = task_rewards(models.decode_responses(policy, demos), rows)
     return Stage(
         s,
         rows,
@@ -377,7 +378,7 @@ def rollout_groups(
         max_new_tokens=cfg.max_new_tokens,
         generator=gen,
     )
-    raw = tasks.rewards(models.decode_responses(policy, resp), flat_rows)
+    raw = task_rewards(models.decode_responses(policy, resp), flat_rows)
     shaped = list(raw)
     if cfg.overlong_penalty:
         pen = overlong_penalty(
