@@ -162,13 +162,16 @@ def test_pool_metadata_survives_jsonl(tmp_path):
 
 
 def test_run_config_data_columns_read_the_users_pool(tmp_path, monkeypatch):
-    """`cropi run` with data.pool naming the user's file and data.columns mapping its names."""
+    """`cropi run` with data.pool_source naming the user's file and data.columns mapping its names."""
+    from cropi import config
     from pipelines import cropi_loop
 
     monkeypatch.setattr(cropi_loop, "rollout", lambda prompts, out, **kw: out.touch())
     _jsonl(tmp_path / "mine.jsonl", ROWS)
-    cfg = {"data": {"pool": str(tmp_path / "mine.jsonl"), "columns": {"prompt": "question", "answer": "solution", "id": "uid"},
-                    "target_per_spec": 2, "heldout_per_spec": 2}}
+    raw = {"data": {"pool_source": str(tmp_path / "mine.jsonl"),
+                    "columns": {"prompt": "question", "answer": "solution", "id": "uid"},
+                    "target_per_spec": 2, "heldout_per_spec": 2}, "train": {"stages": 1}}
+    cfg = config.resolve(raw, config.run_layout(), "test")
     out = cropi_loop.prepare_data(cfg, tmp_path / "root")
     pool = schema.read_table(out["pool"], "prompts")
     assert pool.column("id").to_pylist() == ["q0", "q1", "q2"] and pool.column("answer").to_pylist() == ["0", "2", "4"]
