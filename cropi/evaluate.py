@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cropi import models, schema, tasks
-from cropi.runtime import derive_seed
+from cropi.runtime import MAX_NEW_TOKENS, derive_seed, progress
 from cropi.score import target_names as set_names  # one naming rule: eval names == score__<name>
 
 
@@ -49,9 +49,10 @@ def evaluate(
     *,
     n_samples: int = 1,
     temperature: float = 0.0,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     seed: int = 0,
     batch: int = 256,
+    bar=None,
 ) -> dict:
     """Sample `n_samples` responses per row, verify them, and summarise.
 
@@ -60,6 +61,7 @@ def evaluate(
         temperature: 0 = greedy (then n_samples must be 1).
         seed: seeds the sampling generator (unused when greedy).
         batch: sequences per `models.sample` call.
+        bar: a `runtime.progress` display advanced by one per prompt, or None.
 
     Returns: {"n": prompts, "n_samples", "accuracy": mean c/n, "pass@k": {k: mean pass@k}
     (k in `ks_for(n_samples)`, as strings), "mean_reward", "resp_len" (mean tokens), "trunc_rate",
@@ -79,6 +81,7 @@ def evaluate(
     flat_rows = [r for r in rows for _ in range(n_samples)]
     gen = torch.Generator().manual_seed(derive_seed(seed, "eval"))
     responses: list[list[int]] = []
+    bar_done = 0
     for s in range(0, len(flat_ids), batch):
         responses += models.sample(
             policy,
@@ -87,6 +90,9 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             generator=gen,
         )
+        if bar is not None:
+            bar.update(len(responses) // n_samples - bar_done)
+            bar_done = len(responses) // n_samples
     rewards = np.asarray(
         tasks.rewards(models.decode_responses(policy, responses), flat_rows), dtype=np.float64
     ).reshape(len(rows), n_samples)
@@ -117,7 +123,7 @@ def run_eval(
     *,
     n_samples: int = 1,
     temperature: float = 0.0,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     seed: int = 0,
     device: str = "cpu",
     out=None,
@@ -134,6 +140,7 @@ def run_eval(
     loaded = [load_set(p) for p in sets]  # read every file before the model loads: fail fast
     policy = policy or models.load(model, device=device)
     results = {}
+    bar = progress(total=sum(map(len, loaded)), desc="eval", unit="prompt")
     for name, path, rows in zip(set_names(sets), sets, loaded):
         res = evaluate(
             policy,
@@ -142,8 +149,10 @@ def run_eval(
             temperature=temperature,
             max_new_tokens=max_new_tokens,
             seed=derive_seed(seed, name),
+            bar=bar,
         )
         results[name] = {"path": str(path), **res}
+    bar.close()
     report = {
         "model": model,
         "checkpoint": policy.path,

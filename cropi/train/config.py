@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import click
 
+from cropi.runtime import MAX_NEW_TOKENS
+
 ADV_MEAN = ("group", "batch")
 ADV_STD = ("group", "batch", "none")
 RATIO_LEVELS = ("token", "sequence")
@@ -105,7 +107,7 @@ class TrainConfig:
     batch_prompts: int = _opt(8, "Prompts per step.")
     group_size: int = _opt(8, "Responses per prompt (G).")
     lr: float = _opt(1e-4, "AdamW learning rate.")
-    max_new_tokens: int = _opt(16, "Generation budget per response (tokens).")
+    max_new_tokens: int = _opt(MAX_NEW_TOKENS, "Generation budget per response (tokens).")
     temperature: float = _opt(1.0, "Sampling temperature.")
     steps_per_stage: int = _opt(10, "Optimiser steps per curriculum stage.")
     stages: int = _opt(
