@@ -2,10 +2,10 @@
 
     python data/make_fixtures.py          (from the repository root; ~1 minute on 2 CPU cores)
 
-- pool.parquet          48 prompts (cropi prompts format): chain_sum, count_bits, spell_backward
+- pool.parquet          30 prompts (cropi prompts format): chain_sum, count_bits, spell_backward
 - target.traj.parquet   16 target prompts (val split of chain_sum and count_bits) with 8 responses
                         each by the warmed tiny model (cropi trajectories format, behaviour log-probs)
-- cropi_rollouts.jsonl  the 48 pool prompts with 8 responses each by the tiny model, in the
+- cropi_rollouts.jsonl  the 30 pool prompts with 8 responses each by the tiny model, in the
                         public CROPI rollout format: {prompt, answer, responses, rewards} per line
 """
 
@@ -26,8 +26,8 @@ TARGET_SPECS = ["chain_sum:difficulty=0", "count_bits:difficulty=1"]
 
 
 def main() -> None:
-    pool = tasks.make_pool(POOL_SPECS, 16, seed=7, split="train")
-    schema.write_parquet_atomic(pool, HERE / "pool.parquet", metadata={"kind": "prompts", "specs": POOL_SPECS, "n": 16, "seed": 7, "split": "train"})
+    pool = tasks.make_pool(POOL_SPECS, 10, seed=7, split="train")
+    schema.write_parquet_atomic(pool, HERE / "pool.parquet", metadata={"kind": "prompts", "specs": POOL_SPECS, "n": 10, "seed": 7, "split": "train"})
     target = tasks.make_pool(TARGET_SPECS, 8, seed=7, split="val")
     with tempfile.TemporaryDirectory() as tmp:
         tpath = Path(tmp) / "target.parquet"
