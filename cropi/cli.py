@@ -297,16 +297,6 @@ def export_cmd(curriculum_dir, stage, fmt, out):
     click.echo(f"wrote {export_stage(curriculum_dir, stage, fmt, out)}")
 
 
-def _not_yet(name: str, issue: str):
-    @main.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                  help=f"(not available yet: {issue})")
-    def _cmd():
-        click.echo(f"cropi {name}: not available yet ({issue})", err=True)
-        sys.exit(2)
-
-    return _cmd
-
-
 from cropi.train.config import click_options as _train_options  # noqa: E402
 
 

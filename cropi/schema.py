@@ -1,4 +1,4 @@
-"""Every on-disk format of cropi, and its validation, in one place (DESIGN §4).
+"""Every on-disk format of cropi, and its validation, in one place (docs/design.md).
 
 Formats
 - prompts:      id, prompt, answer, task, difficulty, split (+ optional metadata JSON str)

@@ -1,4 +1,4 @@
-"""Every option of the GRPO trainer, defined once (DESIGN §6).
+"""Every option of the GRPO trainer, defined once (docs/design.md).
 
 `TrainConfig` is the single source: its fields carry their help text and allowed values,
 `validate()` checks them, and `click_options` turns them into CLI flags, so a new option

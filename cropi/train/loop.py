@@ -1,4 +1,4 @@
-"""The GRPO training loop: stages, steps, the run directory, checkpoints and resume (DESIGN §4, §6).
+"""The GRPO training loop: stages, steps, the run directory, checkpoints and resume (docs/design.md).
 
 One step: draw `batch_prompts` prompts from the current stage's shard, sample `group_size`
 responses each in one batched call, verify them, turn rewards into advantages, and take
