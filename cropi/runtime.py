@@ -43,7 +43,8 @@ class LineProgress:
     """tqdm's interface (update, set_postfix, close, context manager) printing plain lines.
 
     A line is printed when ``interval`` seconds have passed since the last one (0: every update)
-    and once by ``close`` with the final count, so a log always ends with the true total."""
+    and by ``close`` unless the last line already shows the final count, so a log always ends
+    with the true total."""
 
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0,
                  interval: float = 30.0, file=None):
@@ -51,7 +52,7 @@ class LineProgress:
         self.interval, self.file = interval, file if file is not None else sys.stderr
         self.postfix = ""
         self._start = self._last = time.monotonic()
-        self._start_n, self._closed = initial, False
+        self._start_n, self._closed, self._shown = initial, False, None
 
     def format(self) -> str:
         elapsed = time.monotonic() - self._start
@@ -63,7 +64,7 @@ class LineProgress:
 
     def _emit(self) -> None:
         print(self.format(), file=self.file, flush=True)
-        self._last = time.monotonic()
+        self._last, self._shown = time.monotonic(), self.n
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -76,7 +77,8 @@ class LineProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._emit()
+            if self._shown != self.n:  # the last line already shows the final count otherwise
+                self._emit()
 
     def __enter__(self):
         return self
