@@ -93,3 +93,18 @@ def test_rollout_total_is_the_row_count_and_resume_does_not_overcount(tmp_path, 
     counts = [re.match(r"rollout: (\d+)/(\d+)", ln).groups() for ln in lines]
     assert [(int(n), int(t)) for n, t in counts] == [(5, 5)]
     assert pq.read_table(tmp_path / "r.parquet").column("id").to_pylist() == [f"p{i}" for i in range(5)]
+
+
+def test_trainer_says_once_that_tensorboard_is_missing(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from cropi.train import loop
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import -> ImportError
+    monkeypatch.setattr(loop, "_TB_NOTICE", [])
+    monkeypatch.delenv("CROPI_QUIET", raising=False)
+    assert loop._tensorboard(tmp_path, 0) is None
+    assert loop._tensorboard(tmp_path, 0) is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "cropi[tb]" in err[0]
+    assert not (tmp_path / "tb").exists()
