@@ -64,12 +64,12 @@ def main():
     (CROPI_PROGRESS_INTERVAL seconds).
 
     \b
-    Typical flow:
-      cropi tasks make --task basic_arithmetic --n 500 --out pool.parquet
-      cropi rollout --prompts pool.parquet --n 8 --out traj.parquet
-      cropi score --trajectories traj.parquet --target val.parquet --out scores/
+    Typical flow (README.md has it runnable; docs/ explains every step):
+      cropi tasks make --task chain_sum --n 100 --out pool.parquet
+      cropi rollout --prompts pool.parquet --n 8 --out pool.traj.parquet
+      cropi score --trajectories pool.traj.parquet --target val.traj.parquet --out scores/
       cropi select --scores scores/ --ratio 0.1 --out curriculum/
-      cropi train --curriculum curriculum/ --rescore
+      cropi train --curriculum curriculum/ --run runs/a
     or all of it: cropi run configs/tiny.yaml
     """
 
