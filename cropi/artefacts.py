@@ -12,6 +12,7 @@
 | `cropi run` output (runs.json, METHOD-sSEED/)   | pipeline       | every method's run                       |
 | `cropi export` Parquet (verl, trl)              | export-verl... | the columns that trainer reads           |
 | `cropi eval --out` JSON                         | eval           | every set's accuracy in [0, 1]           |
+| any other JSON (meta, manifest, comparison)     | json           | strict JSON: no NaN or Infinity          |
 
 Every check raises `schema.InputError` (one line naming file, row and field) on the first problem.
 """
@@ -67,8 +68,20 @@ def _special_file(path: Path):
             obj = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             return None
-        return _eval_report if isinstance(obj, dict) and "sets" in obj else None
+        if not isinstance(obj, dict) or "prompt" in obj:  # a one-line JSONL table
+            return None
+        return _eval_report if "sets" in obj else _json_file
     return None
+
+
+def _json_file(path: Path) -> dict:
+    """Any other JSON cropi writes (meta.json, manifest.json, comparison.json, runs.json): strict
+    JSON, so NaN and Infinity, which Python writes by default and other readers refuse, fail."""
+    def refuse(name):
+        raise schema.InputError(path, None, None, f"{name} is not JSON (write null for a missing number)")
+
+    obj = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    return {"kind": "json", "keys": sorted(obj)[:20]}
 
 
 def _export(path: Path) -> dict:

@@ -108,6 +108,12 @@ def test_export_eval_report_tables_and_strangers(tmp_path):
     report["sets"]["val"]["accuracy"] = 1.5
     (tmp_path / "e.json").write_text(json.dumps(report))
     _refused(tmp_path / "e.json", "e.json", "accuracy")
+    (tmp_path / "comparison.json").write_text('{"full": {"final": NaN}}')
+    _refused(tmp_path / "comparison.json", "NaN is not JSON")
+    (tmp_path / "comparison.json").write_text('{"full": {"final": null}}')
+    assert artefacts.check(tmp_path / "comparison.json") == {"kind": "json", "keys": ["full"]}
+    (tmp_path / "one.json").write_text('{"prompt": "1+1", "answer": "2"}\n')  # a one-row JSONL table
+    assert artefacts.check(tmp_path / "one.json")["kind"] == "prompts"
     schema.write_parquet_atomic(_prompts(4), tmp_path / "p.parquet")
     assert artefacts.check(tmp_path / "p.parquet")["kind"] == "prompts"
     (tmp_path / "empty").mkdir()
