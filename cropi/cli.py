@@ -23,7 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-MODEL_HELP = "`tiny` (the embedded default, built on first use) or a local HF model folder / cached hub name."
+MODEL_HELP = ("`tiny` (the embedded default), `smollm2` (SmolLM2-135M-Instruct, docs/real-models.md), "
+              "a local HF model folder or a hub name already in the local HF cache.")
+DEVICE_HELP = "cpu, cuda, cuda:N [default: this rank's GPU (cuda:LOCAL_RANK) if CUDA is available, else cpu]."
 
 
 class CropiGroup(click.Group):
@@ -168,7 +170,7 @@ def warmup(out, steps, seed, force):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts per resumable chunk.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts [default: all].")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda:LOCAL_RANK if available, else cpu].")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Keep finished chunks of an interrupted run.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, limit, device, resume, out):
@@ -214,7 +216,7 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--micro-batch", type=click.IntRange(min=1), default=64, show_default=True, help="Responses per vmap unit.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--check-rank", type=click.IntRange(min=0), default=0, show_default=True, help="Exact-vs-projected check on N prompts (0: off).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda:LOCAL_RANK if available, else cpu].")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (settings must match).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
@@ -321,7 +323,7 @@ from cropi.train.config import click_options as _train_options  # noqa: E402
 @click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak", "kron"]), default=None,
               help="--rescore: projector [default: sjlt].")
 @click.option("--k", type=click.IntRange(min=1), default=None, help="--rescore: projected dimension [default: 8192].")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available, else cpu].")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this global step with a checkpoint (continue with --resume).")
 @_train_options
@@ -350,11 +352,12 @@ def train_cmd(config_file, curriculum_dir, model, targets, heldout, run_dir, res
               help="Prompts or trajectories file to evaluate on, repeatable.")
 @click.option("--n-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Responses per prompt; pass@k for k = 1, 2, 4, ..., n (needs --temperature > 0).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy: a deterministic accuracy (rollout and train sample at 1.0).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=MAX_NEW_TOKENS, show_default=True,
               help="Generation budget per response (tokens); the same default as rollout and train.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available, else cpu].")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here [default: stdout only].")
 def eval_cmd(model, targets, n_samples, temperature, max_new_tokens, seed, device, out):
     """Accuracy (greedy by default) and pass@k per set; JSON to stdout."""
