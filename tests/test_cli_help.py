@@ -99,8 +99,8 @@ def test_completion_script_and_choice_completion():
 def test_quiet_and_verbose_set_the_env_form(flag, var, monkeypatch):
     from cropi import runtime
 
-    monkeypatch.delenv("CROPI_QUIET", raising=False)
-    monkeypatch.delenv("CROPI_VERBOSE", raising=False)
+    monkeypatch.setenv("CROPI_QUIET", "0")  # recorded, so the flag's "1" is undone after the test
+    monkeypatch.setenv("CROPI_VERBOSE", "0")
     r = CliRunner().invoke(main, [flag, "tasks", "list"])
     assert r.exit_code == 0, r.output
     assert os.environ.get(var) == "1"
