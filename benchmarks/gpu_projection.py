@@ -1,5 +1,5 @@
 """GPU projection throughput: cropi's Triton kernels against TRAK's CudaProjector and against the
-GPU memory-bandwidth bound, at d = 1e8 and 1e9 (DESIGN §8, §9). Needs a CUDA GPU and Triton;
+GPU memory-bandwidth bound, at d = 1e8 and 1e9 (docs/scale.md). Needs a CUDA GPU and Triton;
 TRAK's CudaProjector also needs its `fast_jl` extension (recorded as unavailable otherwise).
 
 For every d: B gradients [B, d] (--dtype, default bfloat16, standard normal) projected to k.

@@ -14,13 +14,18 @@ from pathlib import Path
 import click
 
 from cropi import schema
+from cropi.export import FORMATS
+from cropi.runtime import MAX_NEW_TOKENS
+from cropi.select import SELECTORS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-MODEL_HELP = "`tiny` (the embedded default, built on first use) or a local HF model folder / cached hub name."
+MODEL_HELP = ("`tiny` (the embedded default), `smollm2` (SmolLM2-135M-Instruct, docs/real-models.md), "
+              "a local HF model folder or a hub name already in the local HF cache.")
+DEVICE_HELP = "cpu, cuda, cuda:N [default: this rank's GPU (cuda:LOCAL_RANK) if CUDA is available, else cpu]."
 VERIFIER_HELP = ("How responses are verified: auto = each task's reasoning-gym scorer, math-verify for tasks named "
                  "`math` and tasks reasoning-gym does not know; math = math-verify for every row (your own math data). "
                  "Answers are read from \\boxed{...}, '#### x', 'Answer: x' or the final number.")
@@ -32,7 +37,7 @@ def input_options(f):
                      help="Split of a DatasetDict folder or of a dataset name in the local HF cache.")(f)
     for key in reversed(schema.COLUMN_KEYS):
         f = click.option(f"--{key}-column", f"{key}_column", default=None,
-                         help=f"Your column holding the {key} (default: `{key}`).")(f)
+                         help=f"Your column holding the {key} [default: `{key}`].")(f)
     return f
 
 
@@ -42,7 +47,7 @@ def _columns(kw) -> dict:
 
 def verifier_options(f):
     f = click.option("--partial-credit", is_flag=True,
-                     help="Keep reasoning-gym's partial credit (default: reward 1 only for a fully right answer).")(f)
+                     help="Keep reasoning-gym's partial credit [default: reward 1 only for a fully right answer].")(f)
     return click.option("--verifier", type=click.Choice(["auto", "math"]), default="auto", show_default=True,
                         help=VERIFIER_HELP)(f)
 
@@ -60,18 +65,34 @@ class CropiGroup(click.Group):
             ctx.exit(2)
 
 
-@click.group(cls=CropiGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _verbosity(ctx, param, value):
+    """--quiet / --verbose set CROPI_QUIET / CROPI_VERBOSE, which torchrun's workers inherit."""
+    if value:
+        os.environ["CROPI_QUIET" if param.name == "quiet" else "CROPI_VERBOSE"] = "1"
+    return value
+
+
+@click.group(cls=CropiGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog="Shell completion (bash): eval \"$(_CROPI_COMPLETE=bash_source cropi)\" "
+                    "(zsh_source / fish_source for zsh and fish). Terms: docs/glossary.md.")
 @click.version_option(package_name="cropi")
+@click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True, callback=_verbosity,
+              help="No progress bars or progress lines (the same as CROPI_QUIET=1).")
+@click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_verbosity,
+              help="A progress line on every update instead of a bar (the same as CROPI_VERBOSE=1).")
 def main():
     """Influence-guided data selection for RLVR (CROPI).
 
+    Progress shows as a bar on a terminal and as a plain line every 30 s otherwise
+    (CROPI_PROGRESS_INTERVAL seconds).
+
     \b
-    Typical flow:
-      cropi tasks make --task basic_arithmetic --n 500 --out pool.parquet
-      cropi rollout --prompts pool.parquet --n 8 --out traj.parquet
-      cropi score --trajectories traj.parquet --target val.parquet --out scores/
+    Typical flow (README.md has it runnable; docs/ explains every step):
+      cropi tasks make --task chain_sum --n 100 --out pool.parquet
+      cropi rollout --prompts pool.parquet --n 8 --out pool.traj.parquet
+      cropi score --trajectories pool.traj.parquet --target val.traj.parquet --out scores/
       cropi select --scores scores/ --ratio 0.1 --out curriculum/
-      cropi train --curriculum curriculum/ --rescore
+      cropi train --curriculum curriculum/ --run runs/a
     or all of it: cropi run configs/tiny.yaml
     """
 
@@ -81,14 +102,17 @@ def main():
 
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--kind", type=click.Choice(schema.KINDS), default=None, help="Table kind (default: detected).")
+@click.option("--kind", type=click.Choice(schema.KINDS), default=None, help="Table kind [default: detected].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @input_options
 def check(file, kind, as_json, data_split, **kw):
-    """Validate a prompts / trajectories / scores file (Parquet, JSONL, verl Parquet, datasets folder
-    or a dataset name in the local HF cache) and summarise it."""
-    table = schema.read_table(file, kind, columns=_columns(kw), split=data_split)
-    summary = schema.summarize(table, kind or schema.detect_kind(table))
+    """Validate anything cropi reads or writes and summarise it: a prompts / trajectories / scores
+    file (Parquet, JSONL, verl Parquet, datasets folder or a dataset name in the local HF cache), a
+    score folder, features store, curriculum or stage, run folder, checkpoint, `cropi run` output,
+    export or eval report."""
+    from cropi.artefacts import check as check_path
+
+    summary = check_path(file, kind, columns=_columns(kw), split=data_split)
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -117,7 +141,7 @@ def tasks_list():
 @tasks.command("make")
 @click.option("--task", "specs", multiple=True, required=True,
               help="NAME[:key=value,...], repeatable; e.g. basic_arithmetic:difficulty=2.")
-@click.option("--n", type=click.IntRange(min=1), required=True, help="Prompts per --task.")
+@click.option("--n", type=click.IntRange(min=1), required=True, help="Prompts per --task (fewer when its question space is smaller).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -136,8 +160,9 @@ def tasks_make(specs, n, seed, split, out):
 
 
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder (default: the tiny-model cache).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Max supervised steps.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder [default: the tiny-model cache].")
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True,
+              help="Most supervised steps (batches of 32); stops earlier once the pass rate is reached.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild even if the cached model exists.")
 def warmup(out, steps, seed, force):
@@ -149,8 +174,7 @@ def warmup(out, steps, seed, force):
     if (out / "cropi.json").exists() and not force:
         click.echo(f"{out} exists (use --force to rebuild): {(out / 'cropi.json').read_text().strip()}")
         return
-    kw = {} if steps is None else {"max_steps": steps}
-    info = run_warmup(out=out, seed=seed, **kw)
+    info = run_warmup(out=out, seed=seed, max_steps=steps)
     click.echo(json.dumps(info))
 
 
@@ -162,13 +186,16 @@ def warmup(out, steps, seed, force):
 @click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
 @click.option("--n", "--num-responses", "n", type=click.IntRange(min=1), default=8, show_default=True,
               help="Responses per prompt (G). Under torchrun use --num-responses (torchrun eats --n).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Sampling temperature (the behaviour log-probs are taken at it).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling: keep the smallest token set with this total probability.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=MAX_NEW_TOKENS, show_default=True,
+              help="Generation budget per response (tokens); the same default as train and eval.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts per resumable chunk.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available, else cpu).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts [default: all].")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Keep finished chunks of an interrupted run.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trajectories file (.parquet).")
 @input_options
@@ -219,8 +246,8 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Prompts per batched backward.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=64, show_default=True, help="Responses per vmap unit.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--check-rank", type=click.IntRange(min=0), default=0, help="Exact-vs-projected check on N prompts.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available, else cpu).")
+@click.option("--check-rank", type=click.IntRange(min=0), default=0, show_default=True, help="Exact-vs-projected check on N prompts (0: off).")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (settings must match).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
@@ -254,15 +281,17 @@ def score(trajectories, targets, model, behavior_model, projector, k, density, s
 @click.option("--scores", "scores_dir", type=click.Path(path_type=Path), default=None, help="`cropi score` output folder (popi needs it).")
 @click.option("--trajectories", type=click.Path(path_type=Path), default=None,
               help="Pool for selectors that need no scores (default: the file --scores points to).")
-@click.option("--selector", default="popi", show_default=True, help="popi | random | learnability | variance | pass-band | full")
+@click.option("--selector", type=click.Choice(SELECTORS), default="popi", show_default=True,
+              help="popi: top influence; random; learnability: top p(1-p); variance: VCRL's p >= kappa; "
+                   "pass-band: LO <= pass rate <= HI; full: the whole pool (docs/glossary.md).")
 @click.option("--ratio", type=float, default=None, help="Fraction of the pool in (0, 1] [default: 0.1].")
-@click.option("--n", type=int, default=None, help="Stage size instead of --ratio.")
+@click.option("--n", type=int, default=None, help="Stage size in prompts, instead of --ratio.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--stratify", default=None, help="Keep this column's shares of the pool, e.g. task.")
+@click.option("--stratify", default=None, help="Keep this column's shares of the pool, e.g. task [default: none].")
 @click.option("--kappa", type=float, default=0.8, show_default=True, help="variance: keep p >= kappa.")
 @click.option("--band", type=(float, float), default=(0.2, 0.8), show_default=True, help="pass-band: LO HI.")
 @click.option("--exclude-previous", is_flag=True, help="Keep prompts chosen in earlier stages out.")
-@click.option("--checkpoint", default=None, help="Override the checkpoint recorded from the scores.")
+@click.option("--checkpoint", default=None, help="Override the checkpoint recorded from the scores [default: the scores' model].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Curriculum folder; a stage-NNN is appended.")
 def select_cmd(scores_dir, trajectories, selector, ratio, n, seed, stratify, kappa, band, exclude_previous, checkpoint, out):
     """Select the next curriculum stage (top 10 % by influence by default)."""
@@ -289,11 +318,13 @@ def curriculum_show(directory):
 
 
 @main.command("export")
-@click.option("--curriculum", "curriculum_dir", type=click.Path(path_type=Path), default=None)
-@click.option("--stage", type=int, default=None)
+@click.option("--curriculum", "curriculum_dir", type=click.Path(path_type=Path), default=None,
+              help="Curriculum folder (with --stage).")
+@click.option("--stage", type=click.IntRange(min=0), default=None, help="Stage number (stage-000 is 0).")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None,
               help="Instead of a stage: every prompt of this file (what the verl/TRL curriculum samplers index into).")
-@click.option("--format", "fmt", type=click.Choice(["verl", "trl", "jsonl"]), default="verl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="verl", show_default=True,
+              help="verl: verl's RL Parquet; trl: GRPOTrainer's prompt/answer Parquet; jsonl: every column.")
 @click.option("--model", default="tiny", show_default=True,
               help="The model cropi rolled out and scored with: trl prompts are chat messages when it has a chat template.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="verl/trl: *.parquet; jsonl: *.jsonl[.gz].")
@@ -309,16 +340,6 @@ def export_cmd(curriculum_dir, stage, prompts, fmt, model, out):
         click.echo(f"wrote {export_prompts(prompts, fmt, out, chat=chat)}")
         return
     click.echo(f"wrote {export_stage(curriculum_dir, stage, fmt, out, chat=chat)}")
-
-
-def _not_yet(name: str, issue: str):
-    @main.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                  help=f"(not available yet: {issue})")
-    def _cmd():
-        click.echo(f"cropi {name}: not available yet ({issue})", err=True)
-        sys.exit(2)
-
-    return _cmd
 
 
 from cropi.train.config import click_options as _train_options  # noqa: E402
@@ -342,12 +363,12 @@ from cropi.train.config import click_options as _train_options  # noqa: E402
 @click.option("--rescore/--no-rescore", default=None,
               help="When the next stage is missing, score --trajectories with the current checkpoint and select it.")
 @click.option("--trajectories", type=click.Path(path_type=Path), default=None, help="--rescore: the offline pool.")
-@click.option("--selector", default=None, help="--rescore: popi | random | learnability | variance | pass-band | full [default: popi].")
+@click.option("--selector", type=click.Choice(SELECTORS), default=None, help="--rescore: the selector [default: popi].")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="--rescore: stage fraction [default: 0.1].")
 @click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak", "kron"]), default=None,
               help="--rescore: projector [default: sjlt].")
 @click.option("--k", type=click.IntRange(min=1), default=None, help="--rescore: projected dimension [default: 8192].")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu).")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this global step with a checkpoint (continue with --resume).")
 @_train_options
@@ -376,11 +397,13 @@ def train_cmd(overrides, config_file, curriculum_dir, model, targets, heldout, r
               help="Prompts or trajectories file to evaluate on, repeatable.")
 @click.option("--n-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Responses per prompt; pass@k for k = 1, 2, 4, ..., n (needs --temperature > 0).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy: a deterministic accuracy (rollout and train sample at 1.0).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=MAX_NEW_TOKENS, show_default=True,
+              help="Generation budget per response (tokens); the same default as rollout and train.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here [default: stdout only].")
 @input_options
 @verifier_options
 def eval_cmd(model, targets, n_samples, temperature, max_new_tokens, seed, device, out, data_split, verifier,
@@ -399,11 +422,11 @@ from cropi.config import METHODS as RUN_METHODS  # noqa: E402
 @main.command("run")
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1)
-@click.option("--root", type=click.Path(path_type=Path), default=None, help="Output folder (default: runs/NAME).")
+@click.option("--root", type=click.Path(path_type=Path), default=None, help="Output folder [default: runs/NAME].")
 @click.option("--method", "methods", type=click.Choice(RUN_METHODS), multiple=True,
-              help="Only these methods (default: the config's compare.methods).")
+              help="Only these methods, repeatable [default: the config's compare.methods].")
 @click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True,
-              help="Only these seeds (default: the config's compare.seeds).")
+              help="Only these seeds, repeatable [default: the config's compare.seeds].")
 def run_cmd(config, overrides, root, methods, seeds):
     """The whole loop from a YAML config: data, offline rollout, score/select/train per stage, and
     the baselines beside CROPI on the same budget. Finished parts are skipped; a killed run resumes.

@@ -1,4 +1,4 @@
-"""Curriculum shards: `curriculum/stage-NNN/{train.parquet, manifest.json}` (DESIGN §4).
+"""Curriculum shards: `curriculum/stage-NNN/{train.parquet, manifest.json}` (docs/design.md).
 
 Stages are numbered from 0 (`stage-000`) and only ever appended. A stage directory is
 built under a hidden temporary name inside the curriculum directory and renamed into

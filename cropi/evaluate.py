@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cropi import models, rewards, schema
-from cropi.runtime import derive_seed
+from cropi.runtime import MAX_NEW_TOKENS, derive_seed, progress
 from cropi.score import target_names as set_names  # one naming rule: eval names == score__<name>
 
 
@@ -49,11 +49,12 @@ def evaluate(
     *,
     n_samples: int = 1,
     temperature: float = 0.0,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     seed: int = 0,
     batch: int = 256,
     verifier: str = "auto",
     partial: bool = False,
+    bar=None,
 ) -> dict:
     """Sample `n_samples` responses per row, verify them, and summarise.
 
@@ -63,6 +64,7 @@ def evaluate(
         seed: seeds the sampling generator (unused when greedy).
         batch: sequences per `models.sample` call.
         verifier, partial: how responses are verified (`cropi.rewards.reward`).
+        bar: a `runtime.progress` display advanced by one per prompt, or None.
 
     Returns: {"n": prompts, "n_samples", "accuracy": mean c/n, "pass@k": {k: mean pass@k}
     (k in `ks_for(n_samples)`, as strings), "mean_reward", "resp_len" (mean tokens), "trunc_rate",
@@ -82,6 +84,7 @@ def evaluate(
     flat_rows = [r for r in rows for _ in range(n_samples)]
     gen = torch.Generator().manual_seed(derive_seed(seed, "eval"))
     responses: list[list[int]] = []
+    bar_done = 0
     for s in range(0, len(flat_ids), batch):
         responses += models.sample(
             policy,
@@ -90,6 +93,9 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             generator=gen,
         )
+        if bar is not None:
+            bar.update(len(responses) // n_samples - bar_done)
+            bar_done = len(responses) // n_samples
     rew = np.asarray(
         rewards.rewards(models.decode_responses(policy, responses), flat_rows, verifier=verifier, partial=partial),
         dtype=np.float64,
@@ -121,7 +127,7 @@ def run_eval(
     *,
     n_samples: int = 1,
     temperature: float = 0.0,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     seed: int = 0,
     device: str = "cpu",
     out=None,
@@ -142,6 +148,7 @@ def run_eval(
     loaded = [load_set(p, columns=columns, split=split) for p in sets]  # read every file before the model loads: fail fast
     policy = policy or models.load(model, device=device)
     results = {}
+    bar = progress(total=sum(map(len, loaded)), desc="eval", unit="prompt")
     for name, path, rows in zip(set_names(sets), sets, loaded):
         res = evaluate(
             policy,
@@ -152,8 +159,10 @@ def run_eval(
             seed=derive_seed(seed, name),
             verifier=verifier,
             partial=partial,
+            bar=bar,
         )
         results[name] = {"path": str(path), **res}
+    bar.close()
     report = {
         "model": model,
         "checkpoint": policy.path,

@@ -1,4 +1,4 @@
-"""The features store: projected gradients on disk (DESIGN §4).
+"""The features store: projected gradients on disk (docs/design.md).
 
     DIR/meta.json              model fingerprint, parameter selection, loss settings, projector, dtype, count
     DIR/shard-00000.npy        [n_c, k] float32 (or float16), row-aligned with

@@ -1,4 +1,4 @@
-"""Influence scores from projected gradients (DESIGN §5, "POPI").
+"""Influence scores from projected gradients ("POPI", docs/design.md).
 
     ḡ_V        = mean over the target prompts v of P g_v            (zero-signal v excluded)
     score_V(x) = cos(P g_x, ḡ_V)

@@ -1,4 +1,4 @@
-"""Triton GPU kernels for the sjlt, dense and mask-dense projectors (DESIGN §5, §8).
+"""Triton GPU kernels for the sjlt, dense and mask-dense projectors (docs/design.md, docs/scale.md).
 
 Every random entry of P is regenerated inside the kernel from its key and the 64-bit global
 coordinate by the rules in :mod:`cropi.projection`'s docstring; P is never stored. The integer

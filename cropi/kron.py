@@ -1,5 +1,5 @@
 """The `kron` projector: per-prompt projected gradients of every weight matrix used by nn.Linear /
-nn.Embedding modules, from one batched backward (LoGra-style; beyond the paper, DESIGN §5).
+nn.Embedding modules, from one batched backward (LoGra-style; beyond the paper; docs/design.md).
 
 Every covered weight W [rows, cols] has a per-prompt gradient that is a sum of outer products over
 the tokens t of the prompt's G sequences (prompt tokens too: they feed later tokens):

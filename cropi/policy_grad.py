@@ -1,4 +1,4 @@
-"""Per-prompt off-policy policy gradients, batched over prompts (DESIGN §5).
+"""Per-prompt off-policy policy gradients, batched over prompts (docs/design.md).
 
 For prompt x with offline responses y_1..y_G from β and rewards r_1..r_G:
 

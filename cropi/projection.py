@@ -1,4 +1,4 @@
-"""Seeded random projections P: R^d -> R^k for per-prompt gradients (DESIGN §5 "Projection P").
+"""Seeded random projections P: R^d -> R^k for per-prompt gradients (docs/design.md).
 
 No projector stores a d x k matrix. Every random entry is a pure function of
 (seed, global coordinate index, row/bucket slot) through ``hash32`` (MurmurHash3 x86_32 of

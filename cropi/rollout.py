@@ -18,7 +18,7 @@ import torch
 
 from cropi import models, rewards, schema
 from cropi.distributed import barrier
-from cropi.runtime import derive_seed, progress
+from cropi.runtime import MAX_NEW_TOKENS, derive_seed, progress
 
 
 def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
@@ -53,8 +53,8 @@ def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature
 
 
 def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperature: float = 1.0,
-            max_new_tokens: int = 32, seed: int = 0, chunk: int = 64, top_p: float = 1.0, resume: bool = False,
-            device: str = "cpu", limit: int | None = None, rank: int = 0, world: int = 1,
+            max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, chunk: int = 64, top_p: float = 1.0,
+            resume: bool = False, device: str = "cpu", limit: int | None = None, rank: int = 0, world: int = 1,
             verifier: str = "auto", partial: bool = False, columns: dict | None = None, split: str | None = None) -> Path:
     """Roll out every prompt of ``prompts_path`` and write a trajectories Parquet file to ``out``.
     ``columns`` and ``split`` select what is read (`schema.read_table`).
@@ -98,8 +98,9 @@ def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperat
     n_chunks = (table.num_rows + chunk - 1) // chunk
     mine = [c for c in range(n_chunks) if c % world == rank]
     todo = [c for c in mine if not (parts / f"chunk-{c:06d}.parquet").exists()]
-    bar = progress(total=len(mine) * chunk, desc=f"rollout{'' if world == 1 else f' rank {rank}'}", unit="prompt")
-    bar.update((len(mine) - len(todo)) * chunk)
+    rows_of = lambda c: min(chunk, table.num_rows - c * chunk)  # noqa: E731  (the last chunk is short)
+    bar = progress(total=sum(map(rows_of, mine)), initial=sum(rows_of(c) for c in mine if c not in todo),
+                   desc=f"rollout{'' if world == 1 else f' rank {rank}'}", unit="prompt")
     for c in todo:
         rows_tbl = table.slice(c * chunk, chunk)
         cols = rollout_rows(policy, rows_tbl.to_pylist(), n=n, temperature=temperature,

@@ -1,4 +1,4 @@
-"""Every on-disk format of cropi, and its validation, in one place (DESIGN §4).
+"""Every on-disk format of cropi, and its validation, in one place (docs/design.md).
 
 Formats
 - prompts:      id, prompt, answer, task, difficulty, split (+ optional metadata JSON str)
@@ -306,7 +306,7 @@ def _read_datasets(path, split: str | None) -> pa.Table:
     return _datasets_table(ds, path, split)
 
 
-def _looks_like_dataset_name(path) -> bool:
+def looks_like_dataset_name(path) -> bool:
     s = str(path)
     return s.count("/") <= 1 and not s.startswith((".", "/")) and Path(s).suffix == "" and bool(s.strip())
 
@@ -324,7 +324,7 @@ def read_table(path, kind: str | None = None, *, columns: dict | None = None, sp
     """
     path = Path(path)
     columns = check_columns(columns)
-    if path.is_dir() or (not path.exists() and _looks_like_dataset_name(path)):
+    if path.is_dir() or (not path.exists() and looks_like_dataset_name(path)):
         table = _read_datasets(path, split)
     elif not path.exists():
         raise InputError(path, None, None, "no such file")

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from cropi import schema
 from cropi.rewards import ANSWER_PREFIX
-from cropi.runtime import derive_seed
+from cropi.runtime import derive_seed, progress
 
 ANSWER_INSTRUCTION = f'Reply with "{ANSWER_PREFIX} <answer>".'
 
@@ -393,9 +393,11 @@ def make_pool(specs: list[str], n: int, seed: int, split: str = "train") -> pa.T
     cols = {name: [] for name in POOL_SCHEMA.names}
     seen: set = set()
     info = []
+    bar = progress(total=len(parsed), desc="tasks", unit="spec")
     for (spec, name, opts), c in zip(parsed, canon):
         spec_seed = derive_seed(seed, "tasks", split, c)
         entries = _draw(name, opts, n=n, seed=spec_seed, split=split, seen=seen, spec=spec)
+        bar.update(1)
         info.append({"spec": c, "seed": spec_seed, "rows": len(entries)})
         for e in entries:
             cols["id"].append(_row_id(name, e["question"]))
@@ -405,6 +407,7 @@ def make_pool(specs: list[str], n: int, seed: int, split: str = "train") -> pa.T
             cols["difficulty"].append(opts.get("difficulty", 0))
             cols["split"].append(split)
             cols["metadata"].append(json.dumps(e["metadata"], sort_keys=True, ensure_ascii=False, default=_jsonable))
+    bar.close()
     meta = {"seed": seed, "split": split, "n": n, "specs": info, "reasoning_gym": version("reasoning-gym")}
     return pa.table(cols, schema=POOL_SCHEMA.with_metadata({"cropi.tasks": json.dumps(meta, sort_keys=True)}))
 

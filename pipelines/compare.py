@@ -1,4 +1,4 @@
-"""Compare CROPI with its baselines on the same budget and seeds (issue 6).
+"""Compare CROPI with its baselines on the same budget and seeds.
 
 Reads the run directories of :mod:`pipelines.cropi_loop` and writes, under ROOT:
 - ``comparison.json``: per method and seed, the target-accuracy curve and the summary figures;

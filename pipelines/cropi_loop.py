@@ -1,4 +1,4 @@
-"""The CROPI loop (DESIGN §1, issue 6): data -> one offline rollout -> per stage: score with θ_s on
+"""The CROPI loop (docs/design.md): data -> one offline rollout -> per stage: score with θ_s on
 the same offline trajectories, select the top 10 %, train K steps, evaluate.
 
     ROOT/data/pool.parquet, targets/<name>.parquet (val split), tests/<name>.parquet (test split

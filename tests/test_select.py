@@ -1,4 +1,4 @@
-"""Selectors, curriculum shards and exports (issue 4).
+"""Selectors, curriculum shards and exports.
 
 Expected selections are worked out by hand in the comments; nothing here recomputes them with
 the code under test.

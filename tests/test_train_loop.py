@@ -1,4 +1,4 @@
-"""The GRPO training loop, checkpoints/resume, `cropi train` / `cropi eval` (issue 5 parts 2-3).
+"""The GRPO training loop, checkpoints/resume, `cropi train` / `cropi eval`.
 
 Truths used: hand-computed pass@k and learning-rate values, brute-force pass@k over every
 k-subset, plain autograd of the batch loss for micro-batching, an uninterrupted run for resume,

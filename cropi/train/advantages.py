@@ -1,4 +1,4 @@
-"""Group-relative advantages and the normalised reward variance (DESIGN §5, §6).
+"""Group-relative advantages and the normalised reward variance (docs/design.md).
 
 Both functions take a reward table ``rewards[B, G]``: B prompts (groups), G responses each.
 """
@@ -28,7 +28,7 @@ def group_advantages(
             std 0 but a non-zero batch-centred reward, which would be divided by eps alone.
             The std is the unbiased one (Bessel, n - 1), as ``torch.std`` in the GRPO
             implementations of TRL and verl.
-        eps: added to the std, not to the variance (DESIGN §5: 1e-4). A group whose rewards are
+        eps: added to the std, not to the variance (1e-4 by default). A group whose rewards are
             all equal gets A = 0 exactly under mean="group".
 
     Returns:

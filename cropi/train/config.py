@@ -1,4 +1,4 @@
-"""Every option of the GRPO trainer, defined once (DESIGN §6).
+"""Every option of the GRPO trainer, defined once (docs/design.md).
 
 `TrainConfig` is the single source: its fields carry their help text and allowed values,
 `validate()` checks them, and `click_options` turns them into CLI flags, so a new option
@@ -28,6 +28,8 @@ import typing
 from dataclasses import dataclass, field
 
 import click
+
+from cropi.runtime import MAX_NEW_TOKENS
 
 ADV_MEAN = ("group", "batch")
 ADV_STD = ("group", "batch", "none")
@@ -120,7 +122,7 @@ class TrainConfig:
     batch_prompts: int = _opt(8, "Prompts per step.")
     group_size: int = _opt(8, "Responses per prompt (G).")
     lr: float = _opt(1e-4, "AdamW learning rate.")
-    max_new_tokens: int = _opt(16, "Generation budget per response (tokens).")
+    max_new_tokens: int = _opt(MAX_NEW_TOKENS, "Generation budget per response (tokens).")
     temperature: float = _opt(1.0, "Sampling temperature.")
     steps_per_stage: int = _opt(10, "Optimiser steps per curriculum stage.")
     stages: int = _opt(

@@ -1,4 +1,4 @@
-"""The GRPO training loop: stages, steps, the run directory, checkpoints and resume (DESIGN §4, §6).
+"""The GRPO training loop: stages, steps, the run directory, checkpoints and resume (docs/design.md).
 
 One step: draw `batch_prompts` prompts from the current stage's shard, sample `group_size`
 responses each in one batched call, verify them, turn rewards into advantages, and take
@@ -48,6 +48,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -62,7 +63,7 @@ import yaml
 from cropi import config, curriculum, models, schema, tasks
 from cropi.rewards import rewards as task_rewards
 from cropi.evaluate import evaluate, load_set, set_names
-from cropi.runtime import derive_seed, progress
+from cropi.runtime import derive_seed, progress, verbosity
 from cropi.train import checkpoint as ckpt
 from cropi.train.advantages import group_advantages, has_signal
 from cropi.train.config import TrainConfig
@@ -740,10 +741,19 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+_TB_NOTICE = []  # the "not installed" notice is printed once per process
+
+
 def _tensorboard(run_dir: Path, purge_step: int):
+    """A SummaryWriter on RUN/tb/, or None (with a one-time notice) without the `tb` extra."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        if not _TB_NOTICE and verbosity() > 0:
+            _TB_NOTICE.append(True)
+            print("cropi: TensorBoard is not installed, so no RUN/tb/ events "
+                  "(pip install 'cropi[tb]'); metrics.jsonl and plots/ are written as always",
+                  file=sys.stderr)
         return None
     return SummaryWriter(str(run_dir / "tb"), purge_step=purge_step or None)
 

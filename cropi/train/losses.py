@@ -1,4 +1,4 @@
-"""The GRPO surrogate and its options, as pure batched torch functions (DESIGN §6).
+"""The GRPO surrogate and its options, as pure batched torch functions (docs/design.md).
 
 Shapes: N responses in the batch (B prompts x G, flattened), L = padded response length.
 ``logp``, ``old_logp``, ``ref_logp``: float [N, L], log-probabilities (nats) of the sampled

@@ -1,4 +1,4 @@
-"""Which prompts a GRPO step trains on: plain-Python/numpy state machines (DESIGN §6).
+"""Which prompts a GRPO step trains on: plain-Python/numpy state machines (docs/design.md).
 
 Each stateful class has ``state_dict()`` (JSON-ready) and ``load_state_dict()`` so a resumed
 run continues with exactly the same data order.
