@@ -45,8 +45,8 @@ def init_store(store, meta: dict, resume: bool) -> None:
             was = str(old.get("source_sha256"))[:12] if old.get("source_sha256") else "not recorded"
             raise schema.InputError(store, None, "source_sha256", f"cannot resume: {meta.get('source')} is not the file this store was "
                                     f"started from (sha256 {str(meta.get('source_sha256'))[:12]}, store's {was}); use --overwrite")
-        # the input is identified by its content hash; where it lies ("source") may change
-        diff = sorted(k for k in meta if k not in ("count", "source") and old.get(k) != meta.get(k))
+        # inputs are identified by content (source_sha256, the model's fingerprint), not by where they lie
+        diff = sorted(k for k in meta if k not in ("count", "source", "model", "checkpoint") and old.get(k) != meta.get(k))
         if diff:
             raise schema.InputError(store, None, diff[0], f"cannot resume: settings differ from the existing store ({', '.join(diff)})")
         return
