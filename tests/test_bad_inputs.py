@@ -57,19 +57,13 @@ def write(rows, path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, small_policy):
-    """A small model, prompts, a pool and a target set, and a `cropi score` output made from
-    relative paths inside this folder."""
+    """A small model, prompts, a pool and a target set, and their `cropi score` output S/."""
     d = tmp_path_factory.mktemp("bad")
     models.save(small_policy.model, small_policy.tokenizer, d / "model", {"kind": "tiny"})
     write(prompt_rows(4), d / "prompts.parquet")
     write(traj_rows(8, 0), d / "pool.parquet")
     write(traj_rows(6, 1), d / "tgt.parquet")
-    cwd = os.getcwd()
-    os.chdir(d)
-    try:
-        r = runner().invoke(main, score_args("pool.parquet", "S"))
-    finally:
-        os.chdir(cwd)
+    r = runner().invoke(main, score_args(d / "pool.parquet", d / "S", d / "tgt.parquet", d / "model"))
     assert r.exit_code == 0, r.output
     return d
 
@@ -294,11 +288,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(env, tmp_path, case)
 
 
 def test_relative_input_path_resolves_from_another_folder(env, tmp_path, monkeypatch):
-    """The fixture scored `pool.parquet` relative to its own folder; select runs elsewhere."""
-    meta = json.loads((env / "S" / "meta.json").read_text())
+    """Scored with paths relative to the data folder; selected from another folder."""
+    monkeypatch.chdir(env)
+    r = runner().invoke(main, score_args("pool.parquet", tmp_path / "S"))
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "S" / "meta.json").read_text())
     assert Path(meta["trajectories"]).is_absolute() and meta["trajectories_sha256"] == schema.file_sha256(env / "pool.parquet")
     monkeypatch.chdir(tmp_path)
-    r = runner().invoke(main, ["select", "--scores", str(env / "S"), "--ratio", "0.5", "--out", "cur"])
+    r = runner().invoke(main, ["select", "--scores", "S", "--ratio", "0.5", "--out", "cur"])
     assert r.exit_code == 0, r.output
     table, manifest = curriculum.read_stage(tmp_path / "cur", 0)
     assert table.num_rows == 4 and manifest["trajectories_sha256"] == meta["trajectories_sha256"]
