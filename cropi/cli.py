@@ -316,7 +316,8 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
 @click.option("--behavior-model", default=None, help="Recompute behaviour log-probs with this model (else stored, else on-policy).")
 @click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak", "kron"]), default="sjlt", show_default=True)
-@click.option("--k", type=click.IntRange(min=1), default=8192, show_default=True, help="Projected dimension.")
+@click.option("--k", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Projected dimension, at most d (the selected parameters' count; larger is refused).")
 @click.option("--density", type=Finite(0, 1, min_open=True), default=0.1, show_default=True, help="mask-dense: kept ratio ρ.")
 @click.option("--s", "--sjlt-s", "sjlt_s", type=click.IntRange(min=1), default=1, show_default=True,
               help="sjlt: nonzeros per coordinate (--sjlt-s under torchrun).")
@@ -461,7 +462,7 @@ def train_cmd(config_file, curriculum_dir, model, targets, heldout, run_dir, res
     if run_dir is None:
         if resume:
             raise schema.InputError("--resume", None, "--run", "name the run folder to resume")
-        run_dir = Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+        run_dir = schema.check_output(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"), folder=True)
     run_options = dict(curriculum=curriculum_dir, model=model, targets=targets, heldout=heldout, rescore=rescore,
                        trajectories=trajectories, selector=selector, ratio=ratio, projector=projector, k=k)
     spec = loop.resolve_spec(run_dir, resume=resume, config_file=config_file, run_options=run_options,
@@ -500,7 +501,7 @@ def run_cmd(config, root, methods, seeds):
     from pipelines import compare, cropi_loop
 
     cfg = cropi_loop.load_config(config)
-    root = root or Path("runs") / cfg["name"]
+    root = root or schema.check_output(Path("runs") / cfg["name"], folder=True)
     runs = cropi_loop.run(config, root, list(methods) or None, list(seeds) or None)
     comp = compare.summarize(root, runs)
     click.echo(compare.table(comp))

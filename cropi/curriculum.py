@@ -120,9 +120,8 @@ def load_pool(scores_dir=None, trajectories=None) -> tuple[pa.Table, dict]:
     """The pool to select from, and where it came from.
 
     With `scores_dir` (a `cropi score` output): scores.parquet joined by `id` to the
-    trajectories it scored (`trajectories`, else meta.json's "trajectories", an absolute path;
-    a relative one from older stores is tried as given, then relative to `scores_dir`), one
-    row per scores row. The trajectories must have the content (sha256) the scores were made
+    trajectories it scored (`trajectories`, else meta.json's "trajectories", an absolute path,
+    else a file of that name in or beside `scores_dir`), one row per scores row. The trajectories must have the content (sha256) the scores were made
     from, when meta.json records it. Without `scores_dir`: the trajectories file alone.
     `pass_rate` is (re)computed from `rewards`. Returns (table, provenance for the manifest).
     """
@@ -146,9 +145,10 @@ def load_pool(scores_dir=None, trajectories=None) -> tuple[pa.Table, dict]:
         if trajectories is None:
             if not meta.get("trajectories"):
                 raise InputError(mpath, None, "trajectories", "missing; pass --trajectories")
-            trajectories = Path(meta["trajectories"])
-            if not trajectories.is_absolute() and not trajectories.exists():
-                trajectories = sdir / trajectories
+            recorded = Path(meta["trajectories"])
+            # moved with the scores? same name next to them; the content hash below must still match
+            near = [sdir / recorded.name, sdir.parent / recorded.name] if recorded.is_absolute() else [sdir / recorded]
+            trajectories = next((p for p in [recorded, *near] if p.exists()), recorded)
     if trajectories is None:
         raise InputError("--trajectories", None, None, "give --trajectories T or --scores S/")
     tpath = Path(trajectories)

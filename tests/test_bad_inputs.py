@@ -287,18 +287,29 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(env, tmp_path, case)
 # ---------------------------------------------------------------------------- outputs
 
 
-def test_relative_input_path_resolves_from_another_folder(env, tmp_path, monkeypatch):
-    """Scored with paths relative to the data folder; selected from another folder."""
-    monkeypatch.chdir(env)
-    r = runner().invoke(main, score_args("pool.parquet", tmp_path / "S"))
+def test_relative_input_path_resolves_from_another_folder_and_after_a_move(env, tmp_path, monkeypatch):
+    """Scored with a path relative to the project folder; selected from another folder, then
+    after moving the project; a different file under the trajectories' name is refused."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(env / "pool.parquet", proj / "pool.parquet")
+    monkeypatch.chdir(proj)
+    r = runner().invoke(main, score_args("pool.parquet", "S", env / "tgt.parquet", env / "model"))
     assert r.exit_code == 0, r.output
-    meta = json.loads((tmp_path / "S" / "meta.json").read_text())
+    meta = json.loads((proj / "S" / "meta.json").read_text())
     assert Path(meta["trajectories"]).is_absolute() and meta["trajectories_sha256"] == schema.file_sha256(env / "pool.parquet")
     monkeypatch.chdir(tmp_path)
-    r = runner().invoke(main, ["select", "--scores", "S", "--ratio", "0.5", "--out", "cur"])
+    r = runner().invoke(main, ["select", "--scores", "proj/S", "--ratio", "0.5", "--out", "cur"])
     assert r.exit_code == 0, r.output
     table, manifest = curriculum.read_stage(tmp_path / "cur", 0)
     assert table.num_rows == 4 and manifest["trajectories_sha256"] == meta["trajectories_sha256"]
+    proj.rename(tmp_path / "moved")
+    r = runner().invoke(main, ["select", "--scores", "moved/S", "--ratio", "0.5", "--out", "cur"])
+    assert r.exit_code == 0, r.output
+    assert curriculum.read_stage(tmp_path / "cur", 1)[1]["trajectories_file"] == str(tmp_path / "moved" / "pool.parquet")
+    write(traj_rows(8, 0, reward_seed=7), tmp_path / "moved" / "pool.parquet")
+    r = runner().invoke(main, ["select", "--scores", "moved/S", "--ratio", "0.5", "--out", "cur"])
+    assert r.exit_code == 2 and "is not the trajectories" in r.stderr
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
