@@ -231,26 +231,28 @@ def _row_label(ids, i: int) -> str:
 
 
 def _cast_column(table: pa.Table, field: pa.Field, path) -> pa.Table:
+    """Cast one column to its contract type; lossless number casts only (1.0 -> 1, never 1.5 -> 1),
+    and text is never parsed into numbers ("3" is refused, not read as 3)."""
     col = table.column(field.name)
     if col.type == field.type:
         return table
-    have, want = _leaf_type(col.type), _leaf_type(field.type)
+
+    def first_bad_row():  # the first row that does not cast on its own, else the first non-null one
+        values = col.to_pylist()
+        for i, v in enumerate(values):
+            try:
+                pa.array([v], type=col.type).cast(field.type, safe=True)
+            except Exception:
+                return i
+        return next((i for i, v in enumerate(values) if v is not None), None)
+
     is_text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
-    if is_text(have) and not is_text(want):
-        row = next((i for i, v in enumerate(col.to_pylist()) if v is not None), None)
-        raise InputError(path, row, field.name, f"wrong type: expected {field.type}, got {col.type} (text is not read as numbers)")
+    if is_text(_leaf_type(col.type)) and not is_text(_leaf_type(field.type)):
+        raise InputError(path, first_bad_row(), field.name, f"wrong type: expected {field.type}, got {col.type} (text is not read as numbers)")
     try:
         new = col.cast(field.type, safe=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-        # find the first offending row for the message
-        row = None
-        for i, v in enumerate(col.to_pylist()):
-            try:
-                pa.array([v]).cast(field.type, safe=True)
-            except Exception:
-                row = i
-                break
-        raise InputError(path, row, field.name, f"wrong type: expected {field.type}, got {col.type} ({str(e).splitlines()[0]})") from None
+        raise InputError(path, first_bad_row(), field.name, f"wrong type: expected {field.type}, got {col.type} ({str(e).splitlines()[0]})") from None
     return table.set_column(table.schema.get_field_index(field.name), field.name, new)
 
 
