@@ -1,14 +1,18 @@
 """`cropi` command line: parses options and calls one library function per command.
 
-Bad input (cropi.schema.InputError, missing files/models, invalid options) exits 2 with one
-line on stderr; everything else is the library's business.
+Bad input exits 2 with one line on stderr, ``cropi: error: ...`` (see `user_error`); any other
+exception is a bug in cropi and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -52,17 +56,159 @@ def verifier_options(f):
                         help=VERIFIER_HELP)(f)
 
 
+_OWN_CODE = tuple(str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("cropi", "pipelines"))
+
+
+def _raised_by_cropi(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is cropi's (or pipelines') own code."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OWN_CODE)
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user caused, or None for a bug in cropi.
+
+    User errors: InputError (file, row, field); click's usage errors; every OSError (missing,
+    unreadable or unwritable paths, full disks: named by their filename); broken encodings,
+    compressed streams, JSON/YAML text, regular expressions and refused pickles; and a
+    ValueError that cropi itself raised (its checks word their messages for users). A
+    ValueError from inside numpy, torch or pyarrow means cropi let bad data through unchecked:
+    that is a bug, and the traceback is what fixes it, so it is not turned into one line.
+    """
+    import gzip
+    import pickle
+    import re
+    import zlib
+
+    import yaml
+
+    if isinstance(e, click.UsageError):
+        where = " ".join(e.ctx.command_path.split()[1:]) + ": " if e.ctx is not None and " " in e.ctx.command_path else ""
+        msg = where + e.format_message()
+    elif isinstance(e, click.ClickException):
+        msg = e.format_message()
+    elif isinstance(e, schema.InputError):
+        msg = str(e)
+    elif isinstance(e, OSError) and e.filename is not None:
+        msg = f"{e.filename}: {e.strerror or e}" + (f" ({e.filename2})" if e.filename2 else "")
+    elif isinstance(e, gzip.BadGzipFile | zlib.error | EOFError):
+        msg = f"broken or truncated compressed input ({e or type(e).__name__})"
+    elif isinstance(e, UnicodeDecodeError):
+        msg = f"input is not UTF-8 text ({e})"
+    elif isinstance(e, pickle.UnpicklingError):
+        msg = f"refused to load pickled data (cropi never unpickles): {e}"
+    elif isinstance(e, re.error):
+        msg = f"invalid regular expression {e.pattern!r}: {e}"
+    elif isinstance(e, json.JSONDecodeError | yaml.YAMLError):
+        msg = f"invalid {'JSON' if isinstance(e, json.JSONDecodeError) else 'YAML'}: {e}"
+    elif isinstance(e, OSError | ValueError) and _raised_by_cropi(e) and getattr(e, "user_facing", True):
+        msg = str(e)
+    else:
+        return None
+    return "cropi: error: " + " ".join(msg.split())
+
+
+@contextmanager
+def _sigterm_exits():
+    """Make SIGTERM raise SystemExit(143) while a command runs, so `finally` blocks remove their
+    temporary files (the default action kills the process without running them). Left alone
+    off the main thread or when a handler is already installed."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# shown by click itself: exits, ^C, and the help a group prints when called without a command
+_CLICK_OWN = (click.exceptions.Exit, click.Abort, getattr(click.exceptions, "NoArgsIsHelpError", click.exceptions.Exit))
+
+
 class CropiGroup(click.Group):
-    """Turns user-input errors into one line and exit code 2."""
+    """Turns user errors into one line on stderr and exit code 2 (`user_error`)."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
-        except (schema.InputError, FileNotFoundError, ValueError) as e:
-            if isinstance(e, ValueError) and not isinstance(e, schema.InputError) and not getattr(e, "user_facing", True):
+            with _sigterm_exits():
+                return super().invoke(ctx)
+        except Exception as e:
+            line = user_error(e)
+            if line is None or isinstance(e, _CLICK_OWN):
                 raise
-            click.echo(f"cropi: error: {e}".splitlines()[0], err=True)
+            click.echo(line, err=True)
             ctx.exit(2)
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and ±inf."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+class OutPath(click.Path):
+    """An output file (``folder=False``) or folder, checked when the options are parsed, before
+    any work (`schema.check_output`)."""
+
+    def __init__(self, folder: bool):
+        super().__init__(path_type=Path)
+        self.folder = folder
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        try:
+            return schema.check_output(path, folder=self.folder)
+        except schema.InputError as e:
+            self.fail(str(e), param, ctx)
+
+
+class Device(click.ParamType):
+    """cpu, cuda, cuda:N or mps, and present on this machine."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        try:
+            dev = torch.device(value)
+        except (RuntimeError, ValueError):
+            self.fail(f"{value!r} is not a device (cpu, cuda, cuda:N, mps)", param, ctx)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            self.fail(f"{value!r}: no CUDA device is available here", param, ctx)
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            self.fail(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", param, ctx)
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            self.fail(f"{value!r}: MPS is not available here", param, ctx)
+        if dev.type not in ("cpu", "cuda", "mps"):
+            self.fail(f"{value!r}: cropi runs on cpu, cuda or mps", param, ctx)
+        return value
+
+
+class ParamsSpec(click.ParamType):
+    """all | last:N (N ≥ 1) | a regular expression (`policy_grad.check_params_spec`)."""
+
+    name = "params"
+
+    def convert(self, value, param, ctx):
+        from cropi.policy_grad import check_params_spec
+
+        try:
+            return check_params_spec(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 def _verbosity(ctx, param, value):
@@ -144,7 +290,7 @@ def tasks_list():
 @click.option("--n", type=click.IntRange(min=1), required=True, help="Prompts per --task (fewer when its question space is smaller).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.option("--out", type=OutPath(folder=False), required=True,
               help="Output file: .parquet, .jsonl or .jsonl.gz (the format follows the name).")
 def tasks_make(specs, n, seed, split, out):
     """Generate a prompts pool mixing tasks and difficulties (same seed => byte-identical file)."""
@@ -160,7 +306,7 @@ def tasks_make(specs, n, seed, split, out):
 
 
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder [default: the tiny-model cache].")
+@click.option("--out", type=OutPath(folder=True), default=None, help="Folder [default: the tiny-model cache].")
 @click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True,
               help="Most supervised steps (batches of 32); stops earlier once the pass rate is reached.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -186,18 +332,18 @@ def warmup(out, steps, seed, force):
 @click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
 @click.option("--n", "--num-responses", "n", type=click.IntRange(min=1), default=8, show_default=True,
               help="Responses per prompt (G). Under torchrun use --num-responses (torchrun eats --n).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Sampling temperature (the behaviour log-probs are taken at it).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--temperature", type=Finite(min=0, min_open=True), default=1.0, show_default=True,
+              help="Sampling temperature > 0; the behaviour log-probs are taken at it (0, greedy, has none to store).")
+@click.option("--top-p", type=Finite(0, 1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling: keep the smallest token set with this total probability.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=MAX_NEW_TOKENS, show_default=True,
               help="Generation budget per response (tokens); the same default as train and eval.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts per resumable chunk.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts [default: all].")
-@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--device", type=Device(), default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Keep finished chunks of an interrupted run.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Trajectories file (.parquet).")
+@click.option("--out", type=OutPath(folder=False), required=True, help="Trajectories file (.parquet).")
 @input_options
 @verifier_options
 def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, limit, device, resume, out,
@@ -230,16 +376,17 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
 @click.option("--behavior-model", default=None, help="Recompute behaviour log-probs with this model (else stored, else on-policy).")
 @click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak", "kron"]), default="sjlt", show_default=True)
-@click.option("--k", type=click.IntRange(min=1), default=8192, show_default=True, help="Projected dimension.")
-@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True, help="mask-dense: kept ratio ρ.")
+@click.option("--k", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Projected dimension, at most d (the selected parameters' count; larger is refused).")
+@click.option("--density", type=Finite(0, 1, min_open=True), default=0.1, show_default=True, help="mask-dense: kept ratio ρ.")
 @click.option("--s", "--sjlt-s", "sjlt_s", type=click.IntRange(min=1), default=1, show_default=True,
               help="sjlt: nonzeros per coordinate (--sjlt-s under torchrun).")
 @click.option("--dist", type=click.Choice(["rademacher", "gaussian"]), default="rademacher", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Projection and sub-sampling seed.")
-@click.option("--params", default="all", show_default=True, help="all | last:N | regex on parameter names.")
+@click.option("--params", type=ParamsSpec(), default="all", show_default=True, help="all | last:N | regex on parameter names.")
 @click.option("--aggregation", type=click.Choice(["seq-mean-token-mean", "token-mean"]), default="seq-mean-token-mean", show_default=True)
 @click.option("--adv-std", type=click.Choice(["group", "batch", "none"]), default="group", show_default=True)
-@click.option("--ratio-clip", type=click.FloatRange(min=0, min_open=True), default=None, help="Truncate importance ratios at c.")
+@click.option("--ratio-clip", type=Finite(min=0, min_open=True), default=None, help="Truncate importance ratios at c.")
 @click.option("--combine", type=click.Choice(["mean", "max", "rrf"]), default="mean", show_default=True)
 @click.option("--max-target", type=click.IntRange(min=1), default=None, help="Prompts per target set (seeded sample).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts per resumable shard.")
@@ -247,10 +394,10 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--micro-batch", type=click.IntRange(min=1), default=64, show_default=True, help="Responses per vmap unit.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--check-rank", type=click.IntRange(min=0), default=0, show_default=True, help="Exact-vs-projected check on N prompts (0: off).")
-@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--device", type=Device(), default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (settings must match).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--out", type=OutPath(folder=True), required=True)
 def score(trajectories, targets, model, behavior_model, projector, k, density, sjlt_s, dist, seed, params, aggregation,
           adv_std, ratio_clip, combine, max_target, shard_size, batch, micro_batch, feature_dtype, check_rank, device,
           resume, overwrite, out):
@@ -292,7 +439,7 @@ def score(trajectories, targets, model, behavior_model, projector, k, density, s
 @click.option("--band", type=(float, float), default=(0.2, 0.8), show_default=True, help="pass-band: LO HI.")
 @click.option("--exclude-previous", is_flag=True, help="Keep prompts chosen in earlier stages out.")
 @click.option("--checkpoint", default=None, help="Override the checkpoint recorded from the scores [default: the scores' model].")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Curriculum folder; a stage-NNN is appended.")
+@click.option("--out", type=OutPath(folder=True), required=True, help="Curriculum folder; a stage-NNN is appended.")
 def select_cmd(scores_dir, trajectories, selector, ratio, n, seed, stratify, kappa, band, exclude_previous, checkpoint, out):
     """Select the next curriculum stage (top 10 % by influence by default)."""
     from cropi.curriculum import make_stage
@@ -327,7 +474,7 @@ def curriculum_show(directory):
               help="verl: verl's RL Parquet; trl: GRPOTrainer's prompt/answer Parquet; jsonl: every column.")
 @click.option("--model", default="tiny", show_default=True,
               help="The model cropi rolled out and scored with: trl prompts are chat messages when it has a chat template.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="verl/trl: *.parquet; jsonl: *.jsonl[.gz].")
+@click.option("--out", type=OutPath(folder=False), required=True, help="verl/trl: *.parquet; jsonl: *.jsonl[.gz].")
 def export_cmd(curriculum_dir, stage, prompts, fmt, model, out):
     """Write a stage (--curriculum and --stage) or a whole prompts file (--prompts) in the format
     verl or TRL reads (or plain JSONL)."""
@@ -357,18 +504,18 @@ from cropi.train.config import click_options as _train_options  # noqa: E402
               help="Target set (prompts or trajectories; trajectories with --rescore), repeatable: accuracy "
                    "every --eval-every steps, and --rescore's target gradients.")
 @click.option("--heldout", type=click.Path(path_type=Path), multiple=True, help="Eval-only set, repeatable.")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--run", "run_dir", type=OutPath(folder=True), default=None,
               help="Run folder [default: runs/train-<time>].")
 @click.option("--resume", is_flag=True, help="Continue RUN from its latest checkpoint, exactly.")
 @click.option("--rescore/--no-rescore", default=None,
               help="When the next stage is missing, score --trajectories with the current checkpoint and select it.")
 @click.option("--trajectories", type=click.Path(path_type=Path), default=None, help="--rescore: the offline pool.")
 @click.option("--selector", type=click.Choice(SELECTORS), default=None, help="--rescore: the selector [default: popi].")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="--rescore: stage fraction [default: 0.1].")
+@click.option("--ratio", type=Finite(0, 1, min_open=True), default=None, help="--rescore: stage fraction [default: 0.1].")
 @click.option("--projector", type=click.Choice(["sjlt", "mask-dense", "dense", "identity", "trak", "kron"]), default=None,
               help="--rescore: projector [default: sjlt].")
 @click.option("--k", type=click.IntRange(min=1), default=None, help="--rescore: projected dimension [default: 8192].")
-@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--device", type=Device(), default=None, help=DEVICE_HELP)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this global step with a checkpoint (continue with --resume).")
 @_train_options
@@ -382,7 +529,7 @@ def train_cmd(overrides, config_file, curriculum_dir, model, targets, heldout, r
     if run_dir is None:
         if resume:
             raise schema.InputError("--resume", None, "--run", "name the run folder to resume")
-        run_dir = Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+        run_dir = schema.check_output(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"), folder=True)
     run_options = dict(curriculum=curriculum_dir, model=model, targets=targets, heldout=heldout, rescore=rescore,
                        trajectories=trajectories, selector=selector, ratio=ratio, projector=projector, k=k)
     spec = loop.resolve_spec(run_dir, resume=resume, config_file=config_file, overrides=overrides,
@@ -397,13 +544,13 @@ def train_cmd(overrides, config_file, curriculum_dir, model, targets, heldout, r
               help="Prompts or trajectories file to evaluate on, repeatable.")
 @click.option("--n-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Responses per prompt; pass@k for k = 1, 2, 4, ..., n (needs --temperature > 0).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--temperature", type=Finite(min=0), default=0.0, show_default=True,
               help="0 = greedy: a deterministic accuracy (rollout and train sample at 1.0).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=MAX_NEW_TOKENS, show_default=True,
               help="Generation budget per response (tokens); the same default as rollout and train.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help=DEVICE_HELP)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON here [default: stdout only].")
+@click.option("--device", type=Device(), default=None, help=DEVICE_HELP)
+@click.option("--out", type=OutPath(folder=False), default=None, help="Also write the JSON here [default: stdout only].")
 @input_options
 @verifier_options
 def eval_cmd(model, targets, n_samples, temperature, max_new_tokens, seed, device, out, data_split, verifier,
@@ -422,7 +569,7 @@ from cropi.config import METHODS as RUN_METHODS  # noqa: E402
 @main.command("run")
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1)
-@click.option("--root", type=click.Path(path_type=Path), default=None, help="Output folder [default: runs/NAME].")
+@click.option("--root", type=OutPath(folder=True), default=None, help="Output folder [default: runs/NAME].")
 @click.option("--method", "methods", type=click.Choice(RUN_METHODS), multiple=True,
               help="Only these methods, repeatable [default: the config's compare.methods].")
 @click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True,
@@ -436,7 +583,7 @@ def run_cmd(config, overrides, root, methods, seeds):
     from pipelines import compare, cropi_loop
 
     cfg = cropi_loop.load_config(config, overrides)
-    root = root or Path("runs") / cfg["name"]
+    root = root or schema.check_output(Path("runs") / cfg["name"], folder=True)
     runs = cropi_loop.run(cfg, root, list(methods) or None, list(seeds) or None)
     comp = compare.summarize(root, runs)
     click.echo(compare.table(comp))

@@ -13,11 +13,9 @@ seed and time.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +26,13 @@ import pyarrow.compute as pc
 from cropi import select as sel
 from cropi.schema import (
     InputError,
+    content_sha256,
     file_sha256,
     pass_rates,
     prompt_columns,
+    read_json,
     read_table,
+    temp_dir_beside,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -71,7 +72,7 @@ def write_stage(curriculum_dir, rows: pa.Table, manifest: dict, stage: int | Non
             raise InputError(final, None, None, "exists already: stages are never rewritten")
         stage = int(STAGE_RE.match(final.name).group(1))
         full = {**manifest, "stage": stage}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+        tmp = temp_dir_beside(final)
         try:
             write_parquet_atomic(rows, tmp / "train.parquet", metadata={"stage": stage, "selector": full.get("selector")})
             write_json_atomic(full, tmp / "manifest.json")
@@ -92,10 +93,7 @@ def read_stage(curriculum_dir, stage: int) -> tuple[pa.Table, dict]:
         have = ", ".join(map(str, stages)) or "none"
         raise InputError(curriculum_dir, None, "stage", f"no stage {stage} (stages here: {have})")
     d = stages[stage]
-    manifest_path = d / "manifest.json"
-    if not manifest_path.exists():
-        raise InputError(manifest_path, None, None, "no such file")
-    return read_table(d / "train.parquet", kind="prompts"), json.loads(manifest_path.read_text())
+    return read_table(d / "train.parquet", kind="prompts"), read_json(d / "manifest.json")
 
 
 def _previous(curriculum_dir) -> tuple[set[str], set[str]]:
@@ -125,10 +123,10 @@ def load_pool(scores_dir=None, trajectories=None) -> tuple[pa.Table, dict]:
     """The pool to select from, and where it came from.
 
     With `scores_dir` (a `cropi score` output): scores.parquet joined by `id` to the
-    trajectories it scored (`trajectories`, else meta.json's "trajectories"; a relative path
-    is tried as given, then relative to `scores_dir`), one row per scores row. Without it:
-    the trajectories file alone. `pass_rate` is (re)computed from `rewards`.
-    Returns (table, provenance dict for the manifest).
+    trajectories it scored (`trajectories`, else meta.json's "trajectories", an absolute path,
+    else a file of that name in or beside `scores_dir`), one row per scores row. The trajectories must have the content (sha256) the scores were made
+    from, when meta.json records it. Without `scores_dir`: the trajectories file alone.
+    `pass_rate` is (re)computed from `rewards`. Returns (table, provenance for the manifest).
     """
     prov: dict = {"scores_file": None, "scores_sha256": None, "model": None, "checkpoint": None, "scores_seed": None}
     scores = None
@@ -138,10 +136,10 @@ def load_pool(scores_dir=None, trajectories=None) -> tuple[pa.Table, dict]:
         for p in (spath, mpath):
             if not p.exists():
                 raise InputError(p, None, None, "no such file (is this a `cropi score` output directory?)")
-        meta = json.loads(mpath.read_text())
+        meta = read_json(mpath)
         scores = read_table(spath, kind="scores")
         prov.update(
-            scores_file=str(spath),
+            scores_file=str(spath.resolve()),
             scores_sha256=file_sha256(spath),
             model=meta.get("model"),
             checkpoint=meta.get("checkpoint"),
@@ -150,14 +148,19 @@ def load_pool(scores_dir=None, trajectories=None) -> tuple[pa.Table, dict]:
         if trajectories is None:
             if not meta.get("trajectories"):
                 raise InputError(mpath, None, "trajectories", "missing; pass --trajectories")
-            trajectories = Path(meta["trajectories"])
-            if not trajectories.is_absolute() and not trajectories.exists():
-                trajectories = sdir / trajectories
+            recorded = Path(meta["trajectories"])
+            # moved with the scores? same name next to them; the content hash below must still match
+            near = [sdir / recorded.name, sdir.parent / recorded.name] if recorded.is_absolute() else [sdir / recorded]
+            trajectories = next((p for p in [recorded, *near] if p.exists()), recorded)
     if trajectories is None:
         raise InputError("--trajectories", None, None, "give --trajectories T or --scores S/")
     tpath = Path(trajectories)
     traj = read_table(tpath, kind="trajectories")
-    prov.update(trajectories_file=str(tpath), trajectories_sha256=file_sha256(tpath) if tpath.is_file() else None)
+    prov.update(trajectories_file=str(tpath.resolve()), trajectories_sha256=content_sha256(tpath))
+    scored_sha = meta.get("trajectories_sha256") if scores is not None else None
+    if scored_sha and scored_sha != prov["trajectories_sha256"]:
+        raise InputError(tpath, None, None, f"is not the trajectories {sdir} scored (sha256 {prov['trajectories_sha256'][:12]}, "
+                                            f"scored {scored_sha[:12]} = {meta.get('trajectories')})")
     if scores is not None:
         where = {x: i for i, x in enumerate(traj.column("id").to_pylist())}
         idx = []

@@ -12,7 +12,6 @@ projector metadata match (``check_compatible``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +35,18 @@ def init_store(store, meta: dict, resume: bool) -> None:
     meta = {**meta, "format": FORMAT_VERSION}
     f = store / "meta.json"
     if f.exists():
-        old = json.loads(f.read_text())
+        old = schema.read_json(f)
         if not resume:
             raise schema.InputError(store, None, None, "a features store already exists here; pass --resume to continue it or --overwrite to replace it")
         reason = incompatibility(old.get("projector", {}), meta.get("projector", {}))
         if reason:
             raise schema.InputError(store, None, "projector", f"cannot resume: {reason}")
-        diff = sorted(k for k in meta if k not in ("count",) and old.get(k) != meta.get(k))
+        if old.get("source_sha256") != meta.get("source_sha256"):
+            was = str(old.get("source_sha256"))[:12] if old.get("source_sha256") else "not recorded"
+            raise schema.InputError(store, None, "source_sha256", f"cannot resume: {meta.get('source')} is not the file this store was "
+                                    f"started from (sha256 {str(meta.get('source_sha256'))[:12]}, store's {was}); use --overwrite")
+        # inputs are identified by content (source_sha256, the model's fingerprint), not by where they lie
+        diff = sorted(k for k in meta if k not in ("count", "source", "model", "checkpoint") and old.get(k) != meta.get(k))
         if diff:
             raise schema.InputError(store, None, diff[0], f"cannot resume: settings differ from the existing store ({', '.join(diff)})")
         return
@@ -80,13 +84,22 @@ def finalize(store, n_shards: int) -> pa.Table:
 
 
 def read_meta(store) -> dict:
-    return json.loads((Path(store) / "meta.json").read_text())
+    return schema.read_json(Path(store) / "meta.json")
 
 
 def read_shard(store, c: int) -> tuple[np.ndarray, pa.Table]:
-    """(features memmap [n_c, k], index table) of shard ``c``."""
+    """(features memmap [n_c, k], index table) of shard ``c``. Never unpickles: a file that is
+    not a plain .npy array / Parquet table raises InputError."""
     npy, idx = shard_paths(store, c)
-    return np.load(npy, mmap_mode="r"), pq.read_table(idx)
+    try:
+        feats = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise schema.InputError(npy, None, None, f"not a .npy feature array ({str(e).splitlines()[0]})") from None
+    try:
+        index = pq.read_table(idx)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise schema.InputError(idx, None, None, f"not a Parquet index ({str(e).splitlines()[0]})") from None
+    return feats, index
 
 
 def iter_shards(store):

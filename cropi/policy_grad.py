@@ -22,6 +22,7 @@ so the flat d-dim gradient of a prompt is never materialised unless the projecto
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -51,8 +52,8 @@ class GradConfig:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.adv_std not in ADV_STDS:
             raise ValueError(f"adv_std must be one of {ADV_STDS}, got {self.adv_std!r}")
-        if self.ratio_clip is not None and self.ratio_clip <= 0:
-            raise ValueError("ratio_clip must be > 0")
+        if self.ratio_clip is not None and not 0 < self.ratio_clip < math.inf:
+            raise ValueError(f"ratio_clip must be a finite number > 0, got {self.ratio_clip}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,12 +62,28 @@ class GradConfig:
 # ---------------------------------------------------------------------------- parameters
 
 
+def check_params_spec(spec: str) -> str:
+    """Raise ValueError unless ``spec`` is ``all``, ``last:N`` with an integer N ≥ 1, or a
+    regular expression that compiles. Returns ``spec``."""
+    if spec.startswith("last:"):
+        n = spec.split(":", 1)[1]
+        if not (n.isdigit() and int(n) >= 1):
+            raise ValueError(f"params {spec!r}: last:N needs a whole number N ≥ 1 of blocks")
+    elif spec != "all":
+        try:
+            re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"params {spec!r}: not a regular expression ({e})") from None
+    return spec
+
+
 def select_params(model: torch.nn.Module, spec: str = "all") -> list[str]:
     """Names of the trainable parameters whose gradient is taken.
 
     ``all``; ``last:N`` = the last N transformer blocks (parameters named ``...layers.<i>.`` or
     ``...h.<i>.`` with the N largest i); otherwise a regular expression searched in the name.
     """
+    check_params_spec(spec)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if spec == "all":
         return names

@@ -8,7 +8,6 @@ samples only what is missing, then the chunks are concatenated into OUT atomical
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -76,8 +75,8 @@ def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperat
     policy = models.load(model, device=device)
     meta = {
         "kind": "trajectories",
-        "prompts": str(prompts_path),
-        "prompts_sha256": schema.file_sha256(prompts_path) if prompts_path.is_file() else None,
+        "prompts": str(prompts_path.resolve()),
+        "prompts_sha256": schema.content_sha256(prompts_path),
         "model": model,
         "model_path": policy.path,
         "fingerprint": models.fingerprint(policy.model),
@@ -125,8 +124,8 @@ def _parts_dir(out: Path) -> Path:
 def _check_parts_meta(parts: Path, meta: dict, out: Path) -> None:
     f = parts / "meta.json"
     if f.exists():
-        old = json.loads(f.read_text())
-        diff = sorted(k for k in meta if old.get(k) != meta[k])
+        old = schema.read_json(f)
+        diff = sorted(k for k in meta if k != "prompts" and old.get(k) != meta[k])  # prompts: by content (sha256)
         if diff:
             raise schema.InputError(out, None, None, f"--resume: unfinished parts were made with other settings ({', '.join(diff)}); remove {parts} or match them")
     else:
@@ -137,7 +136,7 @@ def merge_parts(out, n_chunks: int | None = None) -> Path:
     """Concatenate OUT.parts/chunk-*.parquet (in chunk order) into OUT, atomically; remove parts."""
     out = Path(out)
     parts = _parts_dir(out)
-    meta = json.loads((parts / "meta.json").read_text())
+    meta = schema.read_json(parts / "meta.json")
     files = sorted(parts.glob("chunk-*.parquet"))
     if n_chunks is not None and len(files) != n_chunks:
         raise RuntimeError(f"{parts}: {len(files)} of {n_chunks} chunks present; re-run with --resume")

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -100,6 +101,17 @@ def stable_id(prompt: str, answer: str) -> str:
     return hashlib.sha1(f"{prompt}\0{answer}".encode()).hexdigest()[:16]
 
 
+def _leaf_type(t: pa.DataType) -> pa.DataType:
+    """The element type under any list nesting: list<list<int32>> -> int32."""
+    while pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return t
+
+
+def _has_integers(t: pa.DataType) -> bool:
+    return pa.types.is_integer(_leaf_type(t))
+
+
 def _rows_to_table(rows: list[dict], path, columns: dict | None = None) -> pa.Table:
     """JSONL rows (cropi or public-CROPI style) -> Arrow table with cropi column names
     (``columns`` renames the user's keys first, see :func:`read_table`)."""
@@ -126,6 +138,9 @@ def _rows_to_table(rows: list[dict], path, columns: dict | None = None) -> pa.Ta
         values = [row.get(name) for row in rows]
         try:
             cols[name] = pa.array(values, type=known.get(name))
+            if _has_integers(cols[name].type) and (back := cols[name].to_pylist()) != values:
+                i = next(i for i, (a, b) in enumerate(zip(back, values)) if a != b)
+                raise InputError(path, i, name, f"wrong type: expected {cols[name].type}, got {values[i]!r:.40} (not whole numbers)")
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             for i, v in enumerate(values):
                 try:
@@ -137,20 +152,20 @@ def _rows_to_table(rows: list[dict], path, columns: dict | None = None) -> pa.Ta
     return pa.table(cols)
 
 
-def _read_raw(path: Path, columns: dict | None = None) -> pa.Table:
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".parquet", ".pq"):
-        try:
-            return pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(path, None, None, f"not a readable Parquet file ({e})") from None
-    if suffix in (".jsonl", ".json", ".jsonl.gz"):
-        import gzip
+def _read_jsonl(path: Path, gz: bool) -> list[dict]:
+    """The JSON objects of a JSON-lines file (gzip-compressed when ``gz``); rows are numbered by
+    line from 0, blank lines skipped. Bad bytes, bad JSON and broken gzip raise InputError."""
+    import gzip
+    import zlib
 
-        opener = gzip.open if suffix.endswith(".gz") else open
-        rows = []
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f):
+    rows = []
+    try:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            for i, raw in enumerate(f):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(path, i, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
@@ -160,6 +175,22 @@ def _read_raw(path: Path, columns: dict | None = None) -> pa.Table:
                 if not isinstance(obj, dict):
                     raise InputError(path, i, None, "a JSON line must be an object")
                 rows.append(obj)
+    except gzip.BadGzipFile as e:
+        raise InputError(path, None, None, f"not a gzip file ({e})") from None
+    except (EOFError, zlib.error) as e:
+        raise InputError(path, None, None, f"truncated or corrupt gzip data, after {len(rows)} rows ({e})") from None
+    return rows
+
+
+def _read_raw(path: Path, columns: dict | None = None) -> pa.Table:
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix in (".parquet", ".pq"):
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(path, None, None, f"not a readable Parquet file ({e})") from None
+    if suffix in (".jsonl", ".json", ".jsonl.gz"):
+        rows = _read_jsonl(path, gz=suffix.endswith(".gz"))
         if not rows:
             raise InputError(path, None, None, "no rows")
         return _rows_to_table(rows, path, columns)
@@ -332,6 +363,8 @@ def read_table(path, kind: str | None = None, *, columns: dict | None = None, sp
         if split is not None:
             raise InputError(path, None, None, "--split applies to datasets folders and names only")
         table = _read_raw(path, columns)
+    if table.num_rows == 0:
+        raise InputError(path, None, None, "no rows")
     if is_verl(table) and "prompt" not in columns:
         table = from_verl(table)
     kind = kind or detect_kind(table)
@@ -378,21 +411,28 @@ def _row_label(ids, i: int) -> str:
 
 
 def _cast_column(table: pa.Table, field: pa.Field, path) -> pa.Table:
+    """Cast one column to its contract type; lossless number casts only (1.0 -> 1, never 1.5 -> 1),
+    and text is never parsed into numbers ("3" is refused, not read as 3)."""
     col = table.column(field.name)
     if col.type == field.type:
         return table
+
+    def first_bad_row():  # the first row that does not cast on its own, else the first non-null one
+        values = col.to_pylist()
+        for i, v in enumerate(values):
+            try:
+                pa.array([v], type=col.type).cast(field.type, safe=True)
+            except Exception:
+                return i
+        return next((i for i, v in enumerate(values) if v is not None), None)
+
+    is_text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+    if is_text(_leaf_type(col.type)) and not is_text(_leaf_type(field.type)):
+        raise InputError(path, first_bad_row(), field.name, f"wrong type: expected {field.type}, got {col.type} (text is not read as numbers)")
     try:
         new = col.cast(field.type, safe=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-        # find the first offending row for the message
-        row = None
-        for i, v in enumerate(col.to_pylist()):
-            try:
-                pa.array([v]).cast(field.type, safe=True)
-            except Exception:
-                row = i
-                break
-        raise InputError(path, row, field.name, f"wrong type: expected {field.type}, got {col.type} ({str(e).splitlines()[0]})") from None
+        raise InputError(path, first_bad_row(), field.name, f"wrong type: expected {field.type}, got {col.type} ({str(e).splitlines()[0]})") from None
     return table.set_column(table.schema.get_field_index(field.name), field.name, new)
 
 
@@ -526,15 +566,33 @@ def _counts(values) -> dict:
 # ---------------------------------------------------------------------------- atomic writes
 
 
+def _plain_mode(folder: bool) -> int:
+    """The permission bits a plain open() (0o666) or mkdir() (0o777) gives under this process's
+    umask; mkstemp/mkdtemp would give 0o600/0o700, unreadable to a teammate or another uid."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+def temp_dir_beside(path) -> Path:
+    """A new hidden folder ``.NAME.XXXX.tmp`` next to ``path``, with plain mkdir() permissions."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _plain_mode(folder=True))
+    return tmp
+
+
 @contextmanager
 def atomic_file(path):
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error
-    removed, so ``path`` is either the old file or the complete new one."""
+    removed, so ``path`` is either the old file or the complete new one. The file gets the
+    permissions a plain open() would give (the old file's mode when replacing one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else _plain_mode(folder=False))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -567,7 +625,7 @@ def atomic_dir(path):
     error it is removed, so ``path`` is either the old folder or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir_beside(path)
     try:
         yield tmp
         if path.exists():
@@ -589,3 +647,56 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def content_sha256(path) -> str:
+    """sha256 of a file's bytes; for a folder (a saved `datasets` dataset), of its files'
+    relative paths and sha256s in path order. Identifies an input by content, not by name."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def read_json(path) -> dict:
+    """A JSON object file cropi wrote (meta.json, manifest.json); InputError when it is missing,
+    not UTF-8 or not JSON (a pickle or a torn write, say)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, None, None, "no such file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(path, None, None, f"not a JSON file: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(path, None, None, f"not a JSON file ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(path, None, None, "not a JSON object")
+    return obj
+
+
+def check_output(path, *, folder: bool) -> Path:
+    """Raise InputError unless ``path`` can become an output file (``folder=False``) or folder,
+    checked before any work: no folder where a file goes or file where a folder goes, and the
+    nearest existing folder at or above it accepts new files (tried with a probe file that is
+    removed at once). Creates nothing that stays."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise InputError(path, None, None, "is a folder; this output is a file")
+    if path.exists() and not path.is_dir() and folder:
+        raise InputError(path, None, None, "is a file; this output is a folder")
+    where = path if folder and path.is_dir() else path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise InputError(where, None, None, f"is a file, so {path} cannot be created under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cropi-write-check.", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(where, None, None, f"cannot create files in this folder ({e.strerror})") from None
+    return path

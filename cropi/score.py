@@ -75,8 +75,8 @@ class Prepared:
 def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Policy | None = None) -> Prepared:
     """Tokenise a trajectories table for ``policy`` and check stored tokens fit its tokenizer.
 
-    Stored ``response_token_ids`` are used as they are (checked: ids inside the vocabulary and the
-    first response of every prompt decodes back to its text); otherwise responses are tokenised
+    Stored ``response_token_ids`` are used as they are (checked: ids inside the vocabulary and
+    every response decodes back to its text); otherwise responses are tokenised
     and EOS appended. Behaviour log-probs: stored ones, or recomputed with ``behavior``, or None."""
     tok = policy.tokenizer
     vocab = len(tok)
@@ -85,14 +85,16 @@ def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Polic
     ids = table.column("id").to_pylist()
     if "response_token_ids" in table.column_names:
         responses = table.column("response_token_ids").to_pylist()
-        firsts = tok.batch_decode([r[0] for r in responses], skip_special_tokens=True)
-        for i, (r, text) in enumerate(zip(responses, firsts)):
+        for i, r in enumerate(responses):
             bad = [t for resp in r for t in resp if not 0 <= t < vocab]
             if bad:
                 raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"token id {bad[0]} outside this model's vocabulary ({vocab})")
-            if text.strip() != rows_resp[i][0].strip():
-                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids",
-                                        "tokens do not decode to the response text with this model's tokenizer (trajectories from another tokenizer?)")
+        texts = iter(tok.batch_decode([resp for r in responses for resp in r], skip_special_tokens=True))
+        for i, r in enumerate(rows_resp):
+            for j, want in enumerate(r):
+                if next(texts).strip() != want.strip():
+                    raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"response {j}: tokens do not decode to "
+                                            "the response text with this model's tokenizer (trajectories from another tokenizer?)")
     else:
         eos = tok.eos_token_id
         responses = [[tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in r] for r in rows_resp]
@@ -242,6 +244,9 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         projector = kron.KronProjector(policy.model, names, cfg.k, cfg.seed, dist=cfg.dist, device=policy.device)
         names = projector.names
     d = param_dim(policy.model, names)
+    if cfg.projector not in ("identity", "kron") and cfg.k > d:
+        raise schema.InputError("--k", None, None, f"{cfg.k} is more than the {d} dimensions of the selected parameters "
+                                f"({grad_cfg.params}): pass --k {d} or less, or --projector identity for exact gradients")
     k = d if cfg.projector == "identity" else projector.k if cfg.projector == "kron" else cfg.k
     cfg = dataclasses.replace(cfg, k=k)
     if cfg.projector != "kron":
@@ -262,6 +267,8 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         "behavior": "stored" if behavior is None and "behavior_logprobs" in table.column_names
         else (behavior_model or "on-policy (current model)"),
     }
+    traj_sha = schema.content_sha256(traj_path)
+    target_shas = [schema.content_sha256(p) for p in targets]
     prep = prepare(policy, table, traj_path, behavior)
     target_preps = [prepare(policy, _subsample(t, cfg.max_target, derive_seed(cfg.seed, "target", n)), p, behavior)
                     for t, p, n in zip(target_tables, targets, tnames)]
@@ -269,8 +276,8 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     bar = progress(total=mine(len(prep.ids)) + sum(mine(len(tp.ids)) for tp in target_preps),
                    desc="score" if world == 1 else f"score rank {rank}", unit="prompt")
     target_means = {}
-    for name, tp, path in zip(tnames, target_preps, targets):
-        tm = {**store_meta, "source": str(path), "max_target": cfg.max_target}
+    for name, tp, path, sha in zip(tnames, target_preps, targets, target_shas):
+        tm = {**store_meta, "source": str(Path(path).resolve()), "source_sha256": sha, "max_target": cfg.max_target}
         s, n_ok = compute_store(policy, tp, out / "targets" / name, names, projector, cfg, tm, resume=resume,
                                 rank=rank, world=world, pool_std=pool_std, bar=bar)
         acc = all_reduce_sum(torch.from_numpy(np.append(s, n_ok)))
@@ -278,7 +285,7 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         if n_ok == 0:
             raise schema.InputError(path, None, "rewards", "no target prompt has a learning signal (all groups have equal rewards)")
         target_means[name] = (acc[:-1] / n_ok).numpy()
-    pm = {**store_meta, "source": str(traj_path)}
+    pm = {**store_meta, "source": str(traj_path.resolve()), "source_sha256": traj_sha}
     compute_store(policy, prep, out / "features", names, projector, cfg, pm, resume=resume, rank=rank, world=world,
                   pool_std=pool_std, bar=bar)
     bar.close()
@@ -292,8 +299,10 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     elapsed = time.time() - t0
     meta = {
         **store_meta,
-        "trajectories": str(traj_path),
-        "targets": dict(zip(tnames, map(str, targets))),
+        "trajectories": str(traj_path.resolve()),
+        "trajectories_sha256": traj_sha,
+        "targets": {n: str(Path(p).resolve()) for n, p in zip(tnames, targets)},
+        "targets_sha256": dict(zip(tnames, target_shas)),
         "config": {**{k: v for k, v in cfg.__dict__.items() if k != "grad"}, "grad": grad_cfg.to_dict()},
         "seed": cfg.seed,
         "pool_size": table.num_rows,

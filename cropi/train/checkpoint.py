@@ -58,6 +58,15 @@ def rng_state() -> dict:
     }
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed the torch (CPU and every CUDA device), numpy and python global RNGs. The trainer
+    draws from its own seeded generators; this only makes the RNG states a checkpoint records,
+    and so trainer_state.pt, the same bytes in every run with the same seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def set_rng_state(state: dict) -> None:
     """Inverse of `rng_state`."""
     torch.set_rng_state(state["torch"])

@@ -872,6 +872,8 @@ def train(
         sched.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         step, seen, stage_state = int(state["step"]), int(state["prompts_seen"]), state["stage"]
+    else:
+        ckpt.seed_rngs(derive_seed(cfg.seed, "global-rngs"))
     _truncate_metrics(metrics_path, step if latest is not None else -1)
     sets = {
         "target": dict(zip(set_names(spec.targets), map(load_set, spec.targets))),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from cropi.schema import atomic_file
 
 TRAIN_PANELS = (
     ("reward_mean", "mean reward"),
@@ -65,13 +65,9 @@ def plot_curves(metrics_path, out) -> Path:
     ax.set_title("eval accuracy")
     ax.set_xlabel("step")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return out
