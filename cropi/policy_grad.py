@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from cropi import models
-from cropi.train.advantages import group_advantages
+from cropi.advantages import group_advantages
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 ADV_STDS = ("group", "batch", "none")

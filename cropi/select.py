@@ -131,7 +131,7 @@ def order_pass_band(pass_rate: np.ndarray, lo: float, hi: float, seed: int) -> n
 def normalised_reward_variance(rewards: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Per-row VCRL p = σ²/σ²_max of a list<float> rewards column. [N] float64.
 
-    The formula is `cropi.train.advantages.normalised_variance` (its one definition). Its
+    The formula is `cropi.advantages.normalised_variance` (its one definition). Its
     reward range is the pool's observed range (min, max over all rewards of the column):
     (0, 1) for binary rewards, VCRL's bound; for non-binary rewards σ²_max is scaled by
     (max − min)², the largest variance G rewards inside that range can have.
@@ -140,7 +140,7 @@ def normalised_reward_variance(rewards: pa.ChunkedArray | pa.Array) -> np.ndarra
     """
     import torch
 
-    from cropi.train.advantages import normalised_variance
+    from cropi.advantages import normalised_variance
 
     if isinstance(rewards, pa.ChunkedArray):
         rewards = rewards.combine_chunks()

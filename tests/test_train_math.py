@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cropi.train.advantages import group_advantages, max_group_variance, normalised_variance
+from cropi.advantages import group_advantages, max_group_variance, normalised_variance
 from cropi.train.config import TrainConfig, click_options, config_from_options
 from cropi.train.losses import (
     aggregate,

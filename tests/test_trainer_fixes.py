@@ -15,10 +15,10 @@ import torch
 from click.testing import CliRunner
 
 from cropi import curriculum, schema, tasks
+from cropi.advantages import group_advantages
 from cropi.cli import main
 from cropi.train import checkpoint as ckpt
 from cropi.train import loop
-from cropi.train.advantages import group_advantages
 from cropi.train.config import TrainConfig
 from cropi.train.losses import kl_k3, policy_loss
 from cropi.train.samplers import PromptSampler, VCRLBank

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import click
 
+from cropi.advantages import BATCH_MEAN_GROUP_STD
 from cropi.runtime import MAX_NEW_TOKENS
 
 ADV_MEAN = ("group", "batch")
@@ -37,10 +38,6 @@ RATIO_LEVELS = ("token", "sequence")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RL_PLUS_OMEGAS = ("one", "old")
 LR_SCHEDULES = ("constant", "cosine")
-BATCH_MEAN_GROUP_STD = (
-    "batch mean with group std divides an all-equal group's (non-zero) batch-centred rewards "
-    "by eps alone; use adv_std batch (whitening) or none, or adv_mean group"
-)
 
 
 def _opt(default, help: str, choices: tuple[str, ...] | None = None):

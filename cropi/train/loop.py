@@ -61,11 +61,11 @@ import torch
 import yaml
 
 from cropi import config, curriculum, models, schema, tasks
-from cropi.rewards import rewards as task_rewards
+from cropi.advantages import group_advantages, has_signal
 from cropi.evaluate import evaluate, load_set, set_names
+from cropi.rewards import rewards as task_rewards
 from cropi.runtime import derive_seed, progress, verbosity
 from cropi.train import checkpoint as ckpt
-from cropi.train.advantages import group_advantages, has_signal
 from cropi.train.config import TrainConfig
 from cropi.train.losses import mask_truncated, overlong_penalty, policy_loss, rl_plus_token_weights
 from cropi.train.plot import plot_curves

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cropi.train.advantages import has_signal, normalised_variance
+from cropi.advantages import has_signal, normalised_variance
 
 
 class PromptSampler:

@@ -1,6 +1,8 @@
 """Group-relative advantages and the normalised reward variance (docs/design.md).
 
-Both functions take a reward table ``rewards[B, G]``: B prompts (groups), G responses each.
+The math that scoring (policy_grad), selection (select) and the trainer (train/) share, so it
+lives below all three. Every function takes a reward table ``rewards[B, G]``: B prompts
+(groups), G responses each.
 """
 
 from __future__ import annotations
@@ -8,10 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cropi.train.config import BATCH_MEAN_GROUP_STD
-
 MEANS = ("group", "batch")
 STDS = ("group", "batch", "none")
+BATCH_MEAN_GROUP_STD = (
+    "batch mean with group std divides an all-equal group's (non-zero) batch-centred rewards "
+    "by eps alone; use adv_std batch (whitening) or none, or adv_mean group"
+)
 
 
 def group_advantages(
