@@ -151,3 +151,42 @@ def test_curves_have_y_labels_and_no_empty_panels(tmp_path):
     axes = captured["axes"]
     assert [a[0] for a in axes] == ["mean reward", "loss", "eval accuracy"]  # KL all 0: no panel
     assert all(a[1] and a[2] > 0 for a in axes)
+
+
+def test_oracle_and_norescore_curricula(setup, tmp_path):
+    """oracle: one stage holding exactly the pool's target-family prompts; cropi-norescore: one
+    stage holding the top 10 % of θ_0's scores (the same prompts cropi starts from); shares read back."""
+    from cropi import curriculum
+    from pipelines import cropi_loop as L
+
+    pool = traj(20, 3).to_pylist()
+    for i, r in enumerate(pool):
+        r["task"] = "tgt" if i % 4 == 0 else "other"
+    target = traj(4, 4).to_pylist()
+    for r in target:
+        r["task"] = "tgt"
+    d = tmp_path / "data"
+    schema.write_parquet_atomic(pa.Table.from_pylist(pool), d / "pool.traj.parquet")
+    schema.write_parquet_atomic(pa.Table.from_pylist(target), d / "targets" / "target.traj.parquet")
+    schema.write_parquet_atomic(pa.Table.from_pylist(target).drop_columns(["responses", "rewards", "behavior"]),
+                                d / "targets" / "target.parquet")
+    data = {"pool_traj": d / "pool.traj.parquet", "targets": {"target": d / "targets" / "target.traj.parquet"},
+            "tests": {}, "heldout": {}}
+    cfg = {"model": str(setup / "model"), "score": {"k": 32}, "select": {"ratio": 0.1},
+           "train": {"stages": 3, "steps_per_stage": 2}}
+    for method in ("oracle", "cropi-norescore", "cropi"):
+        cur = tmp_path / method / "curriculum"
+        spec = L._spec(cfg, method, 0, data, cur)
+        L.make_curriculum(method, cfg, 0, data, cur, spec)
+        assert sorted(curriculum.stage_dirs(cur)) == [0]
+        assert spec.train.stages == (3 if method == "cropi" else 1)
+        assert spec.train.steps_per_stage == (2 if method == "cropi" else 6)
+    oracle = curriculum.read_stage(tmp_path / "oracle" / "curriculum", 0)[0]
+    assert sorted(oracle.column("id").to_pylist()) == sorted(r["id"] for r in pool if r["task"] == "tgt")
+    scores = schema.read_table(d / "scores-stage-0" / "scores.parquet")
+    top = [i for i, k in zip(scores.column("id").to_pylist(), scores.column("rank").to_pylist()) if k <= 2]
+    for method in ("cropi-norescore", "cropi"):
+        assert sorted(curriculum.read_stage(tmp_path / method / "curriculum", 0)[0].column("id").to_pylist()) == sorted(top)
+    shares = compare.selection_shares(tmp_path / "oracle" / "curriculum", {"tgt"})
+    assert shares == [{"stage": 0, "prompts": 5, "target_share": 1.0, "per_task": {"tgt": 1.0}}]
+    assert compare.target_families(tmp_path) == {"tgt"}
