@@ -200,6 +200,9 @@ def summarize(root: Path, runs: dict) -> dict:
                  if r["final_target"] is not None and r["initial_target"] is not None]
         sd = float(np.std(gains, ddof=1)) if len(gains) > 1 else None
         out["full_gain"] = {"mean": fg["mean"], "seed_sd": sd, "ratio": fg["mean"] / sd if sd else None}
+    meta0 = root / "data" / "scores-stage-0" / "meta.json"
+    if meta0.exists() and "check_influence" in (m0 := json.loads(meta0.read_text())):
+        out["check_influence"] = m0["check_influence"]  # θ_0's scores: does the score predict a step's effect?
     write_json_strict(out, root / "comparison.json")
     (root / "comparison.md").write_text(table(out) + "\n")
     plot(out, root / "comparison.png")
@@ -272,6 +275,12 @@ def table(comp: dict) -> str:
     if fg and fg.get("ratio") is not None:
         lines.append(f"\nfull-data targeted gain {fg['mean']:+.3f}, seed-to-seed sd {fg['seed_sd']:.3f} "
                      f"(ratio {fg['ratio']:.1f}); target families: {', '.join(comp.get('target_families', []))}")
+    ci = comp.get("check_influence")
+    if ci:
+        lines.append(f"\ncheck-influence (θ_0, {ci['n']} pool prompts; Spearman of the scores [exact cosines] against the "
+                     "measured change of the target objective): "
+                     + "; ".join(f"{st['rule']} step {st['step']:g}: {st['spearman']:.2f} [{st['spearman_exact']:.2f}]"
+                                 for st in ci["steps"]))
     return "\n".join(lines)
 
 
