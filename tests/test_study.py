@@ -34,8 +34,8 @@ def plain_objective(policy, table, theta0_lp=None):
     per-response forward; returns (J, per-response log-prob tensors)."""
     model, tok = policy.model, policy.tokenizer
     total, lps = 0.0, []
-    for p, (prompt, resps, rewards) in enumerate(zip(table.column("prompt").to_pylist(), table.column("responses").to_pylist(),
-                                                      table.column("rewards").to_pylist())):
+    for prompt, resps, rewards in zip(table.column("prompt").to_pylist(), table.column("responses").to_pylist(),
+                                      table.column("rewards").to_pylist()):
         pid = models.encode_prompts(policy, [prompt])[0]
         rids = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in resps]
         w = token_weights(rewards, [len(r) for r in rids], GradConfig())
