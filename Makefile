@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup demo validate test test-slow bench lint clean
 
 $(VENV)/.ok: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -26,6 +26,15 @@ setup: $(VENV)/.ok
 
 demo: setup
 	$(VENV)/bin/cropi run configs/tiny.yaml
+
+# The selection study (configs/validate.yaml): data and θ_0's scores once, then one process per
+# seed (one thread each: the tiny model gains nothing from more), then the table over all seeds.
+VALIDATE := OMP_NUM_THREADS=1 $(VENV)/bin/cropi run configs/validate.yaml
+validate: setup
+	$(VALIDATE) --method cropi-norescore --seed 0
+	$(VALIDATE) --seed 0 & a=$$!; $(VALIDATE) --seed 1 & b=$$!; $(VALIDATE) --seed 2 & c=$$!; \
+	  wait $$a && wait $$b && wait $$c
+	$(VALIDATE)
 
 test: setup
 	$(PY) -m pytest -q

@@ -394,13 +394,20 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--micro-batch", type=click.IntRange(min=1), default=64, show_default=True, help="Responses per vmap unit.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--check-rank", type=click.IntRange(min=0), default=0, show_default=True, help="Exact-vs-projected check on N prompts (0: off).")
+@click.option("--check-influence", type=click.IntRange(min=0), default=0, show_default=True,
+              help="For N prompts, step θ by ε·g/‖g‖ (each --influence-eps), measure the target objective's change, "
+                   "report Spearman of the scores against it (0: off).")
+@click.option("--influence-eps", type=Finite(min=0, min_open=True), multiple=True,
+              help="Step sizes ε (L2 norm in parameter space) for --check-influence, repeatable  [default: 1e-3 1e-2 1e-1 1]")
+@click.option("--influence-lr", type=Finite(min=0, min_open=True), default=None,
+              help="--check-influence also takes one Adam-like step θ + lr·sign(g) of this lr [default: none].")
 @click.option("--device", type=Device(), default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (settings must match).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @click.option("--out", type=OutPath(folder=True), required=True)
 def score(trajectories, targets, model, behavior_model, projector, k, density, sjlt_s, dist, seed, params, aggregation,
-          adv_std, ratio_clip, combine, max_target, shard_size, batch, micro_batch, feature_dtype, check_rank, device,
-          resume, overwrite, out):
+          adv_std, ratio_clip, combine, max_target, shard_size, batch, micro_batch, feature_dtype, check_rank, check_influence,
+          influence_eps, influence_lr, device, resume, overwrite, out):
     """Per-prompt off-policy policy gradients -> projection -> cosine with target gradients."""
     from cropi import score as S
     from cropi.distributed import default_device, dist_context
@@ -408,7 +415,8 @@ def score(trajectories, targets, model, behavior_model, projector, k, density, s
 
     cfg = S.ScoreConfig(projector=projector, k=k, seed=seed, density=density, s=sjlt_s, dist=dist, combine=combine,
                         max_target=max_target, shard_size=shard_size, batch=batch, micro_batch=micro_batch,
-                        feature_dtype=feature_dtype, check_rank=check_rank,
+                        feature_dtype=feature_dtype, check_rank=check_rank, check_influence=check_influence,
+                        influence_eps=tuple(influence_eps) or S.ScoreConfig.influence_eps, influence_lr=influence_lr,
                         grad=GradConfig(aggregation=aggregation, adv_std=adv_std, ratio_clip=ratio_clip, params=params))
     with dist_context() as (rank, world):
         meta = S.score(trajectories, list(targets), out, model=model, behavior_model=behavior_model, cfg=cfg,
@@ -419,6 +427,11 @@ def score(trajectories, targets, model, behavior_model, projector, k, density, s
         if "check_rank" in meta:
             cr = meta["check_rank"]
             click.echo(f"check-rank on {cr['n']} prompts: precision@10% {cr['precision']:.3f}, Spearman {cr['spearman']:.3f}")
+        if "check_influence" in meta:
+            ci = meta["check_influence"]
+            for st in ci["steps"]:
+                click.echo(f"check-influence on {ci['n']} prompts, {st['rule']} step {st['step']:g}: Spearman {st['spearman']:.3f} "
+                           f"(exact cosines {st['spearman_exact']:.3f}), first-order rel. error {st['first_order_rel_err']:.3f}")
 
 
 # ---------------------------------------------------------------------------- select / curriculum / export

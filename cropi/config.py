@@ -439,7 +439,7 @@ def check_train(cfg: dict) -> None:
 # ---------------------------------------------------------------------------- cropi run
 
 
-METHODS = ("full", "random", "learnability", "vcrl", "cropi")
+METHODS = ("full", "random", "learnability", "vcrl", "oracle", "cropi-norescore", "cropi")
 
 
 def _run_checks(cfg: dict) -> None:
@@ -477,6 +477,8 @@ def run_layout() -> Layout:
                 "Target sets: name -> task specs (val split gives target gradients, test split the targeted accuracy).",
                 nonempty=True),
             Key("data.target_per_spec", int, 30, "Target prompts per spec and split.", lo=1),
+            Key("data.test_per_spec", int | None, None,
+                "Test-split prompts per target spec: the targeted accuracy (default: data.target_per_spec).", lo=1),
             Key("data.heldout", dict[str, specs], {"heldout": "default"}, "Held-out sets: name -> task specs (test split)."),
             Key("data.heldout_per_spec", int, 30, "Held-out prompts per spec.", lo=1),
             Key("data.columns.prompt", str | None, None, "Column holding the prompt in user data files (default: prompt)."),
@@ -488,6 +490,11 @@ def run_layout() -> Layout:
             Key("score.projector", str, "sjlt", "Gradient projector.", choices=(*projection.PROJECTORS, "kron")),
             Key("score.k", int, 8192, "Projected dimension.", lo=1),
             Key("score.combine", str, "mean", "How scores against several target sets combine.", choices=COMBINE),
+            Key("score.check_influence", int, 0,
+                "Pool prompts in the stage-0 check that scores predict one step's change of the target objective.",
+                lo=0),
+            Key("score.influence_eps", list[float], [1e-3, 1e-2, 0.1, 1.0],
+                "Normalised step sizes of that check (L2 norm in parameter space).", lo=0, lo_open=True, nonempty=True),
             Key("select.ratio", float, 0.1, "Fraction of the pool per stage.", lo=0, lo_open=True, hi=1),
             *train_keys(exclude=("seed", "vcrl")),
             Key("compare.methods", list[str], ["cropi"], "Methods to run on the same budget.", choices=METHODS,

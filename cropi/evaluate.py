@@ -68,7 +68,8 @@ def evaluate(
 
     Returns: {"n": prompts, "n_samples", "accuracy": mean c/n, "pass@k": {k: mean pass@k}
     (k in `ks_for(n_samples)`, as strings), "mean_reward", "resp_len" (mean tokens), "trunc_rate",
-    "per_task": {task: accuracy}}. Floats are python floats.
+    "per_task": {task: accuracy}, "per_prompt": [accuracy of each row, in row order]}. Floats are
+    python floats.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -118,6 +119,7 @@ def evaluate(
         "resp_len": float(np.mean([len(x) for x in responses])),
         "trunc_rate": float(np.mean([models.is_truncated(x, eos) for x in responses])),
         "per_task": {t: float(np.mean(v)) for t, v in sorted(per_task.items())},
+        "per_prompt": acc.tolist(),
     }
 
 

@@ -28,6 +28,7 @@ from cropi import influence, kron, models, schema
 from cropi.distributed import all_reduce_sum, barrier
 from cropi.policy_grad import (
     GradConfig,
+    build_units,
     is_zero_signal,
     param_dim,
     prompt_gradients,
@@ -54,6 +55,9 @@ class ScoreConfig:
     micro_batch: int = 64  # responses per vmap unit (a prompt's G responses are split beyond this)
     feature_dtype: str = "float32"
     check_rank: int = 0
+    check_influence: int = 0  # prompts for the measured-step check (check_influence)
+    influence_eps: tuple = (1e-3, 1e-2, 1e-1, 1.0)  # normalised step sizes, L2 in parameter space
+    influence_lr: float | None = None  # also one Adam-like step (lr·sign g) of this size
     grad: GradConfig = field(default_factory=GradConfig)
 
 
@@ -313,6 +317,8 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     }
     if cfg.check_rank:
         meta["check_rank"] = check_rank(policy, prep, target_preps, scores, names, cfg, pool_std)
+    if cfg.check_influence:
+        meta["check_influence"] = check_influence(policy, prep, target_preps, scores, names, cfg, pool_std)
     schema.write_json_atomic(meta, out / "meta.json")
     return meta
 
@@ -370,3 +376,114 @@ def check_rank(policy, prep: Prepared, target_preps: list[Prepared], scores: pa.
     res = influence.rank_agreement(ex, pr, 0.1)
     res["per_target"] = {c: influence.rank_agreement(per_exact[c], per_proj[c], 0.1) for c in per_exact}
     return res
+
+
+def check_influence(policy, prep: Prepared, target_preps: list[Prepared], scores: pa.Table, names, cfg: ScoreConfig,
+                    pool_std) -> dict:
+    """Does the score predict what a step along a prompt's gradient does to the target objective?
+
+    For N seeded ok prompts x, with g_x exact and u_x = g_x / ‖g_x‖₂ over the scored parameters:
+    - step rule "normalised", per ε in ``cfg.influence_eps``: θ ← θ + ε·u_x (‖Δθ‖₂ = ε);
+    - step rule "adam" (when ``cfg.influence_lr``): θ ← θ + lr·sign(g_x), which is the first
+      update of Adam from a fresh state (bias-corrected, ε_adam ≪ |g|), ascending J.
+    Measured: ΔJ_V = J_V(θ + Δθ) − J_V(θ) for each target set V, where J_V is the mean over V's
+    ok prompts of the off-policy objective J_v (offline responses, ratios to β); the targets are
+    combined as mean_V ΔJ_V / ‖∇J_V‖₂, so that to first order the normalised step gives
+    ε·mean_V cos(g_x, ∇J_V). Reported per rule: Spearman ρ of the projected scores (column
+    ``score``) and of the exact cosines against the measured change, and the median relative
+    error |measured − first-order| / |first-order| (first-order = ⟨∇J_V, Δθ⟩). Parameters are
+    restored exactly after each step."""
+    ok = np.flatnonzero(np.array(scores.column("status").to_pylist()) == "ok")
+    rng = np.random.default_rng(derive_seed(cfg.seed, "check-influence"))
+    rows = np.sort(rng.choice(ok, min(cfg.check_influence, len(ok)), replace=False)).tolist()
+    exact = exact_gradients(policy, prep, rows, names, cfg, pool_std).astype(np.float64)  # [N, d]
+    t_rows = [[i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])] for tp in target_preps]
+    target_preps = [_behavior_filled(policy, tp, cfg.grad.temperature) for tp in target_preps]  # β fixed at θ
+    target_grads = []
+    for tp, t_ok in zip(target_preps, t_rows):
+        g = np.zeros(exact.shape[1])
+        for s in range(0, len(t_ok), 64):
+            g += exact_gradients(policy, tp, t_ok[s : s + 64], names, cfg, pool_std).astype(np.float64).sum(0)
+        target_grads.append(g / max(len(t_ok), 1))
+
+    def objectives() -> np.ndarray:  # [V] J_V at the current parameters
+        return np.array([_objective(policy, tp, t_ok, cfg, pool_std) for tp, t_ok in zip(target_preps, t_rows)])
+
+    params = dict(policy.model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in names}
+
+    def step(delta: np.ndarray) -> np.ndarray:  # J_V(θ + delta) for flat delta [d]
+        off = 0
+        with torch.no_grad():
+            for n in names:
+                p = params[n]
+                p.add_(torch.from_numpy(delta[off : off + p.numel()]).view_as(p).to(p.dtype))
+                off += p.numel()
+            try:
+                return objectives()
+            finally:
+                for n in names:
+                    params[n].copy_(saved[n])
+
+    tnorm = np.array([np.linalg.norm(g) for g in target_grads])
+    was_training = policy.model.training
+    policy.model.eval()
+    base = objectives()
+    rules = [("normalised", float(e)) for e in cfg.influence_eps]
+    if cfg.influence_lr:
+        rules.append(("adam", float(cfg.influence_lr)))
+    measured = np.zeros((len(rules), len(rows)))
+    first = np.zeros((len(rules), len(rows)))
+    for j, g in enumerate(exact):
+        for r, (rule, size) in enumerate(rules):
+            delta = size * g / max(np.linalg.norm(g), 1e-30) if rule == "normalised" else size * np.sign(g)
+            measured[r, j] = float(np.mean((step(delta) - base) / np.maximum(tnorm, 1e-30)))
+            first[r, j] = float(np.mean([tg @ delta for tg in target_grads] / np.maximum(tnorm, 1e-30)))
+    proj = np.asarray(scores.column("score").to_numpy(zero_copy_only=False))[rows]
+    cos_exact = np.mean([influence.cosine(exact, tg) for tg in target_grads], axis=0)
+    out = []
+    for r, (rule, size) in enumerate(rules):
+        rel = np.abs(measured[r] - first[r]) / np.maximum(np.abs(first[r]), 1e-30)
+        out.append({
+            "rule": rule,
+            "step": size,
+            "spearman": influence.rank_agreement(measured[r], proj, 0.1)["spearman"],
+            "spearman_exact": influence.rank_agreement(measured[r], cos_exact, 0.1)["spearman"],
+            "first_order_rel_err": float(np.median(rel)),
+            "measured_mean": float(measured[r].mean()),
+        })
+    policy.model.train(was_training)
+    return {"n": len(rows), "combine": "mean of ΔJ_V / ‖∇J_V‖", "steps": out}
+
+
+def _behavior_filled(policy, prep: Prepared, temperature: float) -> Prepared:
+    """``prep`` with on-policy (None) behaviour log-probs replaced by the current model's."""
+    todo = [i for i, b in enumerate(prep.behavior_logp) if b is None]
+    if not todo:
+        return prep
+    flat = models.response_logprobs(policy, [prep.prompt_ids[i] for i in todo for _ in prep.responses[i]],
+                                    [r for i in todo for r in prep.responses[i]], temperature)
+    blp, s = list(prep.behavior_logp), 0
+    for i in todo:
+        blp[i], s = flat[s : s + len(prep.responses[i])], s + len(prep.responses[i])
+    return dataclasses.replace(prep, behavior_logp=blp)
+
+
+@torch.no_grad()
+def _objective(policy, prep: Prepared, rows: list[int], cfg: ScoreConfig, pool_std) -> float:
+    """J_V = mean over ``rows`` of J_x(θ) = Σ_i Σ_t w_{i,t} ρ_{i,t} (the value whose gradient
+    ``prompt_gradients`` takes), at the model's current parameters. float."""
+    total, g = 0.0, cfg.grad
+    for s in range(0, len(rows), cfg.batch):
+        b = rows[s : s + cfg.batch]
+        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], g, pool_std) for i in b]
+        u = build_units([prep.prompt_ids[i] for i in b], [prep.responses[i] for i in b], w,
+                        [prep.behavior_logp[i] for i in b], policy.tokenizer.pad_token_id, cfg.micro_batch)
+        U, M, T = u.input_ids.shape
+        lp = models.token_logprobs(policy.model, u.input_ids.view(U * M, T).to(policy.device),
+                                   u.attention_mask.view(U * M, T).to(policy.device), g.temperature).cpu().view(U, M, T)
+        ratio = torch.exp(torch.where(u.response_mask, lp - torch.nan_to_num(u.behavior_logp), torch.zeros_like(lp)))
+        if g.ratio_clip is not None:
+            ratio = ratio.clamp(max=g.ratio_clip)
+        total += float((u.weight.double() * ratio.double() * u.response_mask).sum())
+    return total / max(len(rows), 1)

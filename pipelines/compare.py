@@ -1,11 +1,17 @@
 """Compare CROPI with its baselines on the same budget and seeds.
 
 Reads the run directories of :mod:`pipelines.cropi_loop` and writes, under ROOT:
-- ``comparison.json``: per method and seed, the target-accuracy curve and the summary figures;
-- ``comparison.md``: the table — steps each method needs to reach the full-data run's final
-  targeted accuracy (the paper's step-level acceleration), final targeted and held-out accuracy,
-  rollouts and wall time, as mean ± std over seeds;
-- ``comparison.png``: targeted accuracy against steps, one curve per method (mean and spread).
+- ``comparison.json`` (strict JSON: missing figures are null): per method and seed, the
+  accuracy curves, the final figures and the share of each stage's selection drawn from the
+  target families; per method, 95 % bootstrap intervals of the final accuracies and of the
+  difference to CROPI, paired by seed;
+- ``comparison.md``: the table of those figures;
+- ``comparison.png``: targeted accuracy against steps (mean over seeds, band = min..max) and the
+  final targeted accuracy with its 95 % interval.
+
+Accuracies: "targeted" = the test split of the target families (eval sets named
+``<target>_test``), never the prompts that gave the target gradient (their val split, reported
+apart as "target-gradient prompts"); the other eval sets are the other families.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-TARGET_GROUP = "tests"  # eval sets named "<target>_test": the targeted accuracy
+BOOTSTRAP = 2000  # resamples of (seeds, prompts) per interval
+CI = 0.95
 
 
 def read_curves(run_dir: Path) -> dict:
-    """From RUN/metrics.jsonl: steps, targeted accuracy (mean over *_test sets), held-out accuracy,
-    rollouts (responses generated) and training seconds."""
+    """From RUN/metrics.jsonl: steps, targeted accuracy (mean over *_test sets), held-out accuracy
+    (mean over the other families' sets), rollouts (responses generated) and training seconds."""
     import yaml
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -30,87 +37,250 @@ def read_curves(run_dir: Path) -> dict:
     train = [r for r in rows if r.get("event") == "train"]
     steps, target, heldout = [], [], []
     for r in evals:
-        sets = {**r.get("targets", {}), **r.get("heldout", {})}
+        sets = {**r.get("target", {}), **r.get("heldout", {})}
         tgt = [v for k, v in sets.items() if k.endswith("_test")]
         other = [v for k, v in r.get("heldout", {}).items() if not k.endswith("_test")]
         steps.append(int(r["step"]))
-        target.append(float(np.mean(tgt)) if tgt else float("nan"))
-        heldout.append(float(np.mean(other)) if other else float("nan"))
+        target.append(float(np.mean(tgt)) if tgt else None)
+        heldout.append(float(np.mean(other)) if other else None)
     return {
         "steps": steps,
         "target": target,
         "heldout": heldout,
         "rollouts": int(sum(r.get("generated", 0) for r in train)) * group,
         "train_seconds": float(sum(r.get("seconds", 0.0) for r in train)),
-        "reward_mean": [float(r.get("reward_mean", float("nan"))) for r in train],
+        "reward_mean": [r.get("reward_mean") for r in train],
     }
 
 
-def steps_to_reach(steps: list[int], acc: list[float], level: float) -> float:
-    """First eval step whose accuracy ≥ level (NaN when never reached)."""
+def per_prompt(run_dir: Path, step: int) -> dict:
+    """{"targeted" | "gradient" | <other set name>: per-prompt accuracies [N] at eval ``step``}
+    from RUN/eval/step-N.json (sets evaluated without per-prompt results are left out)."""
+    path = run_dir / "eval" / f"step-{step}.json"
+    if not path.exists():
+        return {}
+    ev = json.loads(path.read_text())
+    out: dict = {}
+    tests = []
+    for group in ("target", "heldout"):
+        for name, res in ev.get(group, {}).items():
+            if "per_prompt" not in res:
+                continue
+            if name.endswith("_test"):
+                tests += res["per_prompt"]
+            elif group == "target":
+                out.setdefault("gradient", []).extend(res["per_prompt"])
+            else:
+                out[name] = res["per_prompt"]
+    if tests:
+        out["targeted"] = tests
+    return out
+
+
+def target_families(root: Path) -> set[str]:
+    """Task names of the target sets under ROOT/data/targets."""
+    import pyarrow.parquet as pq
+
+    fams: set[str] = set()
+    for p in sorted((root / "data" / "targets").glob("*.parquet")):
+        if not p.name.endswith(".traj.parquet"):
+            fams |= set(pq.read_table(p, columns=["task"]).column("task").to_pylist())
+    return fams
+
+
+def selection_shares(cur_dir: Path, families: set[str]) -> list[dict]:
+    """Per curriculum stage: prompts, the share drawn from ``families`` and the share of each task."""
+    from cropi import curriculum
+
+    out = []
+    for s in curriculum.stage_dirs(cur_dir):
+        tasks = curriculum.read_stage(cur_dir, s)[0].column("task").to_pylist()
+        per = {t: tasks.count(t) / len(tasks) for t in sorted(set(tasks))}
+        out.append({"stage": s, "prompts": len(tasks), "target_share": sum(v for t, v in per.items() if t in families),
+                    "per_task": per})
+    return out
+
+
+def steps_to_reach(steps: list[int], acc: list, level) -> float | None:
+    """First eval step whose accuracy ≥ level (None when never reached or no level)."""
+    if level is None:
+        return None
     for s, a in zip(steps, acc):
-        if a >= level - 1e-12:
+        if a is not None and a >= level - 1e-12:
             return float(s)
-    return float("nan")
+    return None
 
 
-def _ms(xs) -> str:
-    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
-    if not xs:
-        return "not reached"
-    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+def bootstrap_ci(acc: np.ndarray, seed: int = 0, n: int = BOOTSTRAP, level: float = CI) -> dict:
+    """Mean of ``acc`` [S seeds, N prompts] and its percentile interval when seeds and prompts are
+    resampled with replacement (the same prompt draw for every seed of a resample). A difference
+    paired by seed is the same call on acc_a − acc_b. Returns {"mean", "lo", "hi", "seeds", "prompts"}."""
+    acc = np.asarray(acc, dtype=np.float64)
+    S, N = acc.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty(n)
+    for b in range(0, n, 250):
+        m = min(250, n - b)
+        si = rng.integers(0, S, (m, S))
+        pi = rng.integers(0, N, (m, N))
+        means[b : b + m] = acc[si[:, :, None], pi[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(acc.mean()), "lo": float(lo), "hi": float(hi), "seeds": S, "prompts": N}
+
+
+def _matrix(rows: list[dict], key: str) -> np.ndarray | None:
+    """[seeds, prompts] of one eval set, or None when a seed lacks it or sizes differ."""
+    vals = [r.get(key) for r in rows]
+    if not vals or any(v is None for v in vals) or len({len(v) for v in vals}) != 1:
+        return None
+    return np.array(vals, dtype=np.float64)
 
 
 def summarize(root: Path, runs: dict) -> dict:
     """runs: {method: [method-seed dirs]} -> the comparison dict (also written to ROOT)."""
-    curves = {m: [read_curves(Path(d) / "run") for d in dirs] for m, dirs in runs.items()}
+    root = Path(root)
+    families = target_families(root)
+    out: dict = {"target_families": sorted(families), "bootstrap": {"resamples": BOOTSTRAP, "level": CI,
+                 "over": "seeds and prompts; differences paired by seed (same seed, same prompts)"}, "methods": {}}
+    full = {Path(d).name.rsplit("-s", 1)[1]: read_curves(Path(d) / "run") for d in runs.get("full", [])}
+    finals: dict = {}
     for m, dirs in runs.items():
-        for c, d in zip(curves[m], dirs):
-            done = Path(d) / "done.json"
-            c["wall_seconds"] = json.loads(done.read_text()).get("seconds") if done.exists() else None
-    out = {"methods": {}}
-    full = curves.get("full", [])
-    for m, cs in curves.items():
         rows = []
-        for i, c in enumerate(cs):
-            ref = full[i] if i < len(full) else None
-            level = ref["target"][-1] if ref and ref["target"] else float("nan")
+        for d in map(Path, dirs):
+            c = read_curves(d / "run")
+            seed = d.name.rsplit("-s", 1)[1]
+            done = d / "done.json"
+            ref = full.get(seed)
+            level = ref["target"][-1] if ref and ref["target"] else None
             reach = steps_to_reach(c["steps"], c["target"], level)
-            full_steps = ref["steps"][-1] if ref and ref["steps"] else float("nan")
+            full_steps = ref["steps"][-1] if ref and ref["steps"] else None
             rows.append({
-                "final_target": c["target"][-1] if c["target"] else float("nan"),
-                "final_heldout": c["heldout"][-1] if c["heldout"] else float("nan"),
+                "seed": int(seed),
+                "final_target": c["target"][-1] if c["target"] else None,
+                "initial_target": c["target"][0] if c["target"] else None,
+                "final_heldout": c["heldout"][-1] if c["heldout"] else None,
                 "full_final_target": level,
                 "steps_to_full_final": reach,
                 "total_steps": c["steps"][-1] if c["steps"] else 0,
-                "acceleration": full_steps / reach if reach and not math.isnan(reach) and reach > 0 else float("nan"),
+                "acceleration": full_steps / reach if reach and full_steps else None,
                 "rollouts": c["rollouts"],
-                "wall_seconds": c["wall_seconds"],
+                "wall_seconds": json.loads(done.read_text()).get("seconds") if done.exists() else None,
+                "selection": selection_shares(d / "curriculum", families),
+                "curves": c,
             })
-        out["methods"][m] = {"seeds": rows, "curves": cs}
-    (root / "comparison.json").write_text(json.dumps(out, indent=1, default=float) + "\n")
+            finals.setdefault(m, {})[int(seed)] = (per_prompt(d / "run", c["steps"][-1]) if c["steps"] else {},
+                                                   per_prompt(d / "run", c["steps"][0]) if c["steps"] else {})
+        out["methods"][m] = {"seeds": rows}
+    ref = finals.get("cropi", {})
+    for m, d in out["methods"].items():
+        seeds = sorted(finals[m])
+        fin = [finals[m][s][0] for s in seeds]
+        ci = {}
+        for key in sorted({k for f in fin for k in f}):
+            mat = _matrix(fin, key)
+            if mat is not None:
+                ci[key] = bootstrap_ci(mat)
+        start = _matrix([finals[m][s][1] for s in seeds], "targeted")
+        end = _matrix(fin, "targeted")
+        if start is not None and end is not None and start.shape == end.shape:
+            ci["gain"] = bootstrap_ci(end - start)
+        common = [s for s in seeds if s in ref]
+        if m != "cropi" and common:
+            a = _matrix([finals[m][s][0] for s in common], "targeted")
+            b = _matrix([ref[s][0] for s in common], "targeted")
+            if a is not None and b is not None and a.shape == b.shape:
+                ci["minus_cropi"] = bootstrap_ci(a - b)
+        d["ci"] = ci
+        stages = max((len(r["selection"]) for r in d["seeds"]), default=0)
+        d["target_share"] = [float(np.mean([r["selection"][s]["target_share"] for r in d["seeds"] if len(r["selection"]) > s]))
+                             for s in range(stages)]
+    fg = out["methods"].get("full", {}).get("ci", {}).get("gain")
+    if fg:
+        gains = [r["final_target"] - r["initial_target"] for r in out["methods"]["full"]["seeds"]
+                 if r["final_target"] is not None and r["initial_target"] is not None]
+        sd = float(np.std(gains, ddof=1)) if len(gains) > 1 else None
+        out["full_gain"] = {"mean": fg["mean"], "seed_sd": sd, "ratio": fg["mean"] / sd if sd else None}
+    meta0 = root / "data" / "scores-stage-0" / "meta.json"
+    if meta0.exists() and "check_influence" in (m0 := json.loads(meta0.read_text())):
+        out["check_influence"] = m0["check_influence"]  # θ_0's scores: does the score predict a step's effect?
+    write_json_strict(out, root / "comparison.json")
     (root / "comparison.md").write_text(table(out) + "\n")
     plot(out, root / "comparison.png")
     return out
 
 
+def _strict(x):
+    """NaN/inf -> None, numpy scalars -> python, recursively."""
+    if isinstance(x, dict):
+        return {str(k): _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_json_strict(obj, path: Path) -> None:
+    """Strict JSON (no NaN: null), written atomically."""
+    from cropi import schema
+
+    schema.write_json_atomic(json.loads(json.dumps(_strict(obj), allow_nan=False)), path)
+
+
+def _ms(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def _ci(c: dict | None, signed: bool = False) -> str:
+    if not c:
+        return "—"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(c['mean'])} [{f.format(c['lo'])}, {f.format(c['hi'])}]"
+
+
 def table(comp: dict) -> str:
-    head = ("| method | steps to full-data final target acc. | step-level acceleration vs full | final targeted acc. "
-            "| final held-out acc. | rollouts | wall s |")
-    lines = [head, "|" + "---|" * 7]
-    for m, d in comp["methods"].items():
-        s = d["seeds"]
-        reach = [r["steps_to_full_final"] for r in s]
-        n_reached = sum(not math.isnan(x) for x in reach)
-        reach_txt = _ms(reach) + (f" ({n_reached}/{len(s)} seeds)" if n_reached < len(s) else "")
-        accel = "1 (reference: its own final)" if m == "full" else _ms([r["acceleration"] for r in s])
+    """Markdown: one row per method. Intervals are 95 % bootstrap over seeds and prompts."""
+    methods = comp["methods"]
+    has_full = "full" in methods
+    others = sorted({k for d in methods.values() for k in d.get("ci", {})} - {"targeted", "gradient", "gain", "minus_cropi"})
+    head = (["method", "targeted acc. [95 % CI]", "minus cropi (paired) [95 % CI]", "gain over step 0 [95 % CI]"]
+            + [f"{k} acc." for k in others]
+            + ["target-gradient prompts", "target share per stage", "steps to full-data final", "rollouts", "wall s"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, d in methods.items():
+        s, ci = d["seeds"], d.get("ci", {})
+        if not ci.get("targeted"):  # no per-prompt results: mean ± sd over seeds
+            ci = {**ci, "targeted": None}
+        tgt = _ci(ci["targeted"]) if ci["targeted"] else _ms([r["final_target"] for r in s])
         if m == "full":
-            reach_txt = f"{int(np.mean([r['total_steps'] for r in s]))} (all its steps)"
-        lines.append(
-            f"| {m} | {reach_txt} | {accel} | {_ms([r['final_target'] for r in s])} "
-            f"| {_ms([r['final_heldout'] for r in s])} | {int(np.mean([r['rollouts'] for r in s]))} "
-            f"| {np.mean([r['wall_seconds'] or 0 for r in s]):.0f} |"
-        )
+            reach = f"{int(np.mean([r['total_steps'] for r in s]))} (its own final)"
+        elif not has_full:
+            reach = "n/a (no full run)"
+        else:
+            xs = [r["steps_to_full_final"] for r in s]
+            n = sum(x is not None for x in xs)
+            reach = "not reached" if n == 0 else _ms(xs) + (f" ({n}/{len(s)} seeds)" if n < len(s) else "")
+        share = " / ".join(f"{x:.2f}" for x in d.get("target_share", [])) or "—"
+        row = ([m, tgt, "reference" if m == "cropi" else _ci(ci.get("minus_cropi"), True), _ci(ci.get("gain"), True)]
+               + [_ci(ci.get(k)) for k in others]
+               + [_ci(ci.get("gradient")), share, reach, str(int(np.mean([r["rollouts"] for r in s]))),
+                  f"{np.mean([r['wall_seconds'] or 0 for r in s]):.0f}"])
+        lines.append("| " + " | ".join(row) + " |")
+    fg = comp.get("full_gain")
+    if fg and fg.get("ratio") is not None:
+        lines.append(f"\nfull-data targeted gain {fg['mean']:+.3f}, seed-to-seed sd {fg['seed_sd']:.3f} "
+                     f"(ratio {fg['ratio']:.1f}); target families: {', '.join(comp.get('target_families', []))}")
+    ci = comp.get("check_influence")
+    if ci:
+        lines.append(f"\ncheck-influence (θ_0, {ci['n']} pool prompts; Spearman of the scores [exact cosines] against the "
+                     "measured change of the target objective): "
+                     + "; ".join(f"{st['rule']} step {st['step']:g}: {st['spearman']:.2f} [{st['spearman_exact']:.2f}]"
+                                 for st in ci["steps"]))
     return "\n".join(lines)
 
 
@@ -120,22 +290,37 @@ def plot(comp: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    names, means, errs, colors = [], [], [], []
     for m, d in comp["methods"].items():
-        cs = [c for c in d["curves"] if c["steps"]]
+        cs = [r["curves"] for r in d["seeds"] if r["curves"]["steps"]]
         if not cs:
             continue
         n = min(len(c["steps"]) for c in cs)
         steps = np.array(cs[0]["steps"][:n])
-        acc = np.array([c["target"][:n] for c in cs])
-        mean, lo, hi = acc.mean(0), acc.min(0), acc.max(0)
-        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{m} (n={len(cs)})", lw=2.2 if m == "cropi" else 1.4)
-        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+        acc = np.array([[np.nan if v is None else v for v in c["target"][:n]] for c in cs], dtype=float)
+        (line,) = ax.plot(steps, np.nanmean(acc, 0), marker="o", ms=3, label=f"{m} (n={len(cs)})",
+                          lw=2.2 if m == "cropi" else 1.4)
+        ax.fill_between(steps, np.nanmin(acc, 0), np.nanmax(acc, 0), color=line.get_color(), alpha=0.12)
+        c = d.get("ci", {}).get("targeted")
+        if c:
+            names.append(m)
+            means.append(c["mean"])
+            errs.append([c["mean"] - c["lo"], c["hi"] - c["mean"]])
+            colors.append(line.get_color())
     ax.set_xlabel("training step (same batch × group for every method)")
     ax.set_ylabel("targeted accuracy (target families' test split)")
-    ax.set_title("CROPI vs baselines: mean over seeds, band = min..max")
+    ax.set_title("mean over seeds, band = min..max")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    if names:
+        bx.barh(names, means, xerr=np.array(errs).T, color=colors, alpha=0.8, capsize=3)
+        bx.invert_yaxis()
+        bx.set_xlabel("final targeted accuracy, 95 % CI (bootstrap: seeds × prompts)")
+        bx.grid(alpha=0.3, axis="x")
+        bx.set_title("final targeted accuracy")
+    else:
+        bx.remove()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -16,6 +16,8 @@ batch × group) and the seeds:
 - ``full``: the whole pool, one stage of stages × steps;
 - ``random``: a fresh random 10 % per stage; ``learnability``: the top 10 % by p(1−p);
 - ``vcrl``: the whole pool with VCRL's variance-based group filtering and replay in the trainer;
+- ``oracle``: only the pool's prompts of the target families (by task name), one stage;
+- ``cropi-norescore``: the top 10 % by θ_0's scores (stage 0), one stage of stages × steps;
 - ``cropi``: popi selection re-scored with the current checkpoint before every stage.
 """
 
@@ -26,6 +28,8 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from cropi import config, curriculum, models, schema, tasks
 from cropi.rollout import rollout
 from cropi.runtime import derive_seed
@@ -33,6 +37,7 @@ from cropi.train.config import TrainConfig
 from cropi.train.loop import RunSpec, train
 
 METHODS = config.METHODS
+ONE_STAGE = ("full", "vcrl", "oracle", "cropi-norescore")  # one stage of stages × steps
 DEFAULT_SPECS = {
     "pool": tasks.DEFAULT_TRAIN_SPECS,
     "targets": tasks.DEFAULT_TARGET_SPECS,
@@ -85,11 +90,12 @@ def prepare_data(cfg: dict, root: Path) -> dict:
         pool = prompts(d / "pool.parquet", _specs(data["pool"], "pool"), data["pool_per_spec"], "train", seed)
     out = {"pool": pool, "pool_traj": traj(pool, derive_seed(seed, "rollout", "pool")), "targets": {}, "tests": {}, "heldout": {}}
     per = {"targets": data["target_per_spec"], "heldout": data["heldout_per_spec"]}
+    per["tests"] = data["test_per_spec"] or per["targets"]
     for name, specs in data["targets"].items():
         specs = _specs(specs, "targets")
         p = prompts(d / "targets" / f"{name}.parquet", specs, per["targets"], "val", derive_seed(seed, "targets", name))
         out["targets"][name] = traj(p, derive_seed(seed, "rollout", "targets", name))
-        out["tests"][f"{name}_test"] = prompts(d / "tests" / f"{name}_test.parquet", specs, per["targets"], "test",
+        out["tests"][f"{name}_test"] = prompts(d / "tests" / f"{name}_test.parquet", specs, per["tests"], "test",
                                                derive_seed(seed, "tests", name))
     for name, specs in data["heldout"].items():
         out["heldout"][name] = prompts(d / "heldout" / f"{name}.parquet", _specs(specs, "heldout"), per["heldout"], "test",
@@ -101,7 +107,7 @@ def _spec(cfg: dict, method: str, seed: int, data: dict, cur: Path) -> RunSpec:
     """The trainer's RunSpec for one method: same budget for all, shapes per method."""
     tc = TrainConfig.from_dict({**cfg["train"], "seed": seed})
     stages, steps = tc.stages, tc.steps_per_stage
-    if method in ("full", "vcrl"):  # one stage holding the whole pool, same number of steps
+    if method in ONE_STAGE:  # one stage, same number of steps
         tc = dataclasses.replace(tc, stages=1, steps_per_stage=stages * steps, vcrl=(method == "vcrl"))
     sc = cfg["score"]
     return RunSpec(
@@ -120,6 +126,40 @@ def _spec(cfg: dict, method: str, seed: int, data: dict, cur: Path) -> RunSpec:
     )
 
 
+def target_families(data: dict) -> set[str]:
+    """Task names of the target sets' prompts (a "family" is a reasoning-gym task)."""
+    return {t for p in data["targets"].values() for t in schema.read_table(p).column("task").to_pylist()}
+
+
+def target_pool(data: dict) -> Path:
+    """The pool's trajectories of the target families (the oracle's data), written once."""
+    out = Path(data["pool_traj"]).with_name("pool-target-families.traj.parquet")
+    if not out.exists():
+        import pyarrow.compute as pc
+
+        table = schema.read_table(data["pool_traj"])
+        keep = pc.is_in(table.column("task"), value_set=pa.array(sorted(target_families(data))))
+        schema.write_parquet_atomic(table.filter(keep), out, metadata={"kind": "trajectories", "source": str(data["pool_traj"]),
+                                                                      "filter": "target families"})
+    return out
+
+
+def stage0_scores(cfg: dict, data: dict, spec: RunSpec) -> Path:
+    """θ_0's scores of the pool (the same for every seed: computed once), with the influence check
+    when ``score.check_influence`` > 0."""
+    from cropi.score import ScoreConfig, score
+
+    sdir = Path(data["pool_traj"]).parent / "scores-stage-0"
+    if not (sdir / "meta.json").exists():
+        sc = cfg["score"]
+        score(data["pool_traj"], list(data["targets"].values()), sdir, model=spec.model, resume=sdir.exists(),
+              cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg["seed"], combine=spec.combine,
+                              check_influence=sc["check_influence"], influence_eps=tuple(sc["influence_eps"]),
+                              influence_lr=spec.train.lr),
+              device=cfg["device"])
+    return sdir
+
+
 def make_curriculum(method: str, cfg: dict, seed: int, data: dict, cur: Path, spec: RunSpec) -> None:
     """The shards a method trains on before training starts (cropi makes its own via --rescore:
     stage 0 here, scored with θ_0, later stages by the trainer)."""
@@ -129,17 +169,14 @@ def make_curriculum(method: str, cfg: dict, seed: int, data: dict, cur: Path, sp
         if not have:
             curriculum.make_stage(trajectories=data["pool_traj"], selector="full", out=cur, seed=seed)
         return
-    if method == "cropi":
+    if method == "oracle":
         if not have:
-            from cropi.score import ScoreConfig, score
-
-            # θ_0 and the offline data are the same for every seed: score stage 0 once
-            sdir = Path(data["pool_traj"]).parent / "scores-stage-0"
-            if not (sdir / "meta.json").exists():
-                score(data["pool_traj"], list(data["targets"].values()), sdir, model=spec.model, resume=sdir.exists(),
-                      cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg["seed"], combine=spec.combine),
-                      device=cfg["device"])
-            curriculum.make_stage(scores_dir=sdir, selector="popi", ratio=ratio, out=cur, seed=seed)
+            curriculum.make_stage(trajectories=target_pool(data), selector="full", out=cur, seed=seed)
+        return
+    if method in ("cropi", "cropi-norescore"):
+        if not have:
+            curriculum.make_stage(scores_dir=stage0_scores(cfg, data, spec), selector="popi", ratio=ratio, out=cur,
+                                  seed=seed)
         return
     for s in range(len(have), spec.train.stages):
         curriculum.make_stage(trajectories=data["pool_traj"], selector=method, ratio=ratio, out=cur,

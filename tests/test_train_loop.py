@@ -428,6 +428,7 @@ def test_greedy_accuracy_equals_one_prompt_at_a_time(tiny_policy, data):
         )
     assert res["n"] == 8 and res["accuracy"] == pytest.approx(np.mean(alone))
     assert res["pass@k"] == {"1": pytest.approx(np.mean(alone))}
+    assert res["per_prompt"] == [float(a) for a in alone]  # in row order
     by_task = {
         t: np.mean([a for a, r in zip(alone, rows) if r["task"] == t])
         for t in {r["task"] for r in rows}

@@ -27,8 +27,9 @@ def read_metrics(path) -> list[dict]:
 
 
 def plot_curves(metrics_path, out) -> Path:
-    """Draw one panel per training metric against step (stage boundaries dotted) and one with
-    every eval set's accuracy; write a PNG atomically. Returns `out`."""
+    """Draw one panel per logged training metric against step (stage boundaries dotted; the KL
+    panel only when a KL term was used) and one with every eval set's accuracy; write a PNG
+    atomically. Returns `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,33 +38,37 @@ def plot_curves(metrics_path, out) -> Path:
     rows = read_metrics(metrics_path)
     train = [r for r in rows if r.get("event") == "train"]
     evals = [r for r in rows if r.get("event") == "eval"]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
-    axes = axes.ravel()
     bounds = [b["step"] - 1 for a, b in zip(train, train[1:]) if b["stage"] != a["stage"]]
-    for ax, (key, title) in zip(axes, TRAIN_PANELS):
+    panels = []  # (title, y label, [(label, style, points)]): only metrics that were logged
+    for key, title in TRAIN_PANELS:
         pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), lw=1.2)
+        if pts and not (key == "kl" and all(v == 0 for _, v in pts)):  # KL is 0 when there is no reference
+            panels.append((title, title, [(None, "-", pts)]))
+    lines = []
+    for group in ("target", "heldout"):
+        for name in sorted({n for r in evals for n in r.get(group, {})}):
+            pts = [(r["step"], r[group][name]) for r in evals if name in r.get(group, {})]
+            lines.append((f"{group}: {name}", "-" if group == "target" else "--", pts))
+    if lines:
+        panels.append(("eval accuracy", "accuracy", lines))
+    cols = min(4, max(1, len(panels)))
+    rows_n = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.5 * rows_n), constrained_layout=True, squeeze=False)
+    axes = axes.ravel()
+    for ax, (title, ylabel, series) in zip(axes, panels):
+        for label, ls, pts in series:
+            ax.plot(*zip(*pts), lw=1.2, ls=ls, label=label, marker="o" if label else None, ms=3)
+        if series[0][0]:
+            ax.legend(fontsize=7)
         for x in bounds:
             ax.axvline(x + 0.5, color="grey", ls=":", lw=0.8)
         ax.set_title(title)
         ax.set_xlabel("step")
-    ax = axes[len(TRAIN_PANELS)]
-    for group in ("target", "heldout"):
-        names = sorted({n for r in evals for n in r.get(group, {})})
-        for name in names:
-            pts = [(r["step"], r[group][name]) for r in evals if name in r.get(group, {})]
-            ax.plot(
-                *zip(*pts),
-                marker="o",
-                ms=3,
-                ls="-" if group == "target" else "--",
-                label=f"{group}: {name}",
-            )
-    if evals:
-        ax.legend(fontsize=7)
-    ax.set_title("eval accuracy")
-    ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+    for ax in axes[len(panels):]:
+        ax.remove()
+    if not panels:
+        fig.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center")
     out = Path(out)
     try:
         with atomic_file(out) as tmp:
