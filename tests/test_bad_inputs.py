@@ -50,8 +50,9 @@ def traj_rows(n, seed, reward_seed=None):
     return rows
 
 
-def write(rows, path):
-    schema.write_parquet_atomic(pa.Table.from_pylist(rows), path)
+def write(rows, path, keep=None):
+    """Rows as a Parquet file; `keep` rows of them only (0: a valid table with no rows)."""
+    schema.write_parquet_atomic(pa.Table.from_pylist(rows).slice(0, keep), path)
     return path
 
 
@@ -117,7 +118,7 @@ def truncated_gzip(env, tmp):
 
 
 def zero_row_prompts(env, tmp):
-    f = write(prompt_rows(0), tmp / "p0.parquet")
+    f = write(prompt_rows(2), tmp / "p0.parquet", keep=0)
     return rollout_args(env, f, tmp / "o.parquet"), ["p0.parquet", "no rows"]
 
 
@@ -210,7 +211,7 @@ def k_larger_than_d(env, tmp):
 
 
 def zero_row_trajectories(env, tmp):
-    f = write(traj_rows(0, 0), tmp / "t0.parquet")
+    f = write(traj_rows(2, 0), tmp / "t0.parquet", keep=0)
     return score_in(env, tmp, pool=f), ["t0.parquet", "no rows"]
 
 
