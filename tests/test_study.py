@@ -156,7 +156,7 @@ def test_curves_have_y_labels_and_no_empty_panels(tmp_path):
 def test_oracle_and_norescore_curricula(setup, tmp_path):
     """oracle: one stage holding exactly the pool's target-family prompts; cropi-norescore: one
     stage holding the top 10 % of θ_0's scores (the same prompts cropi starts from); shares read back."""
-    from cropi import curriculum
+    from cropi import config, curriculum
     from pipelines import cropi_loop as L
 
     pool = traj(20, 3).to_pylist()
@@ -172,8 +172,8 @@ def test_oracle_and_norescore_curricula(setup, tmp_path):
                                 d / "targets" / "target.parquet")
     data = {"pool_traj": d / "pool.traj.parquet", "targets": {"target": d / "targets" / "target.traj.parquet"},
             "tests": {}, "heldout": {}}
-    cfg = {"model": str(setup / "model"), "score": {"k": 32}, "select": {"ratio": 0.1},
-           "train": {"stages": 3, "steps_per_stage": 2}}
+    cfg = config.resolve({"model": str(setup / "model"), "score": {"k": 32}, "select": {"ratio": 0.1},
+                          "train": {"stages": 3, "steps_per_stage": 2}}, config.run_layout(), "test")
     for method in ("oracle", "cropi-norescore", "cropi"):
         cur = tmp_path / method / "curriculum"
         spec = L._spec(cfg, method, 0, data, cur)
