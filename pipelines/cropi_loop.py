@@ -5,9 +5,10 @@ the same offline trajectories, select the top 10 %, train K steps, evaluate.
         of the target families), heldout/<name>.parquet (test split of other families)   prompts
     ROOT/data/pool.traj.parquet, targets/<name>.traj.parquet                    offline rollouts (β = θ_0)
     ROOT/data/scores-stage-0/                                                    θ_0's scores (shared by all seeds)
-    ROOT/<method>-s<seed>/curriculum/stage-NNN/                                   the shards
+    ROOT/<method>-s<seed>/curriculum/stage-NNN/                                   the shards made before training
     ROOT/<method>-s<seed>/run/                                                    cropi.train run dir
-                                          (scores/stage-S/, checkpoints/, metrics.jsonl, eval/, plots/)
+          (curriculum/ and scores/stage-S/: cropi's re-scored stages, checkpoints/, metrics.jsonl, eval/, plots/)
+    ROOT/config.yaml                                                              the resolved config
     ROOT/<method>-s<seed>/done.json                                               written when finished
 
 Every step is skipped when its output exists, and a killed run resumes at the stage and step it
