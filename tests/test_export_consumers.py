@@ -17,6 +17,13 @@ from cropi.integrations import verl as cropi_verl
 SPECS = ["fraction_simplification:difficulty=0", "chain_sum:difficulty=0", "spell_backward:difficulty=1"]
 
 
+@pytest.fixture()
+def own_tiny():
+    """A tiny policy of this test's own: TRL's trainer sets a pad token and gradient checkpointing
+    on what it is given, which must not leak into the session's tiny_policy."""
+    return models.load(models.TINY)
+
+
 @pytest.fixture(scope="module")
 def cur(tmp_path_factory):
     root = tmp_path_factory.mktemp("cur") / "cur"
@@ -62,7 +69,7 @@ def _verl():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("verl") is None, reason="verl is not installed (see test_verl_column_contract)")
-def test_verl_rlhf_dataset_custom_reward_loader_and_sampler(cur, tmp_path, tiny_policy):
+def test_verl_rlhf_dataset_custom_reward_loader_and_sampler(cur, tmp_path, own_tiny):
     loaded = _verl()
     if loaded is None:
         pytest.skip("verl is installed but cannot be imported here")
@@ -72,7 +79,7 @@ def test_verl_rlhf_dataset_custom_reward_loader_and_sampler(cur, tmp_path, tiny_
     out = export.export_stage(cur, 0, "verl", tmp_path / "v.parquet")
     cfg = OmegaConf.create({"max_prompt_length": 512, "filter_overlong_prompts": False, "cache_dir": str(tmp_path / "c"),
                             "cropi_curriculum": str(cur)})
-    ds = RLHFDataset(data_files=[str(out)], tokenizer=tiny_policy.tokenizer, config=cfg)
+    ds = RLHFDataset(data_files=[str(out)], tokenizer=own_tiny.tokenizer, config=cfg)
     fn = get_custom_reward_fn(OmegaConf.create({"reward": {"custom_reward_function": {
         "path": "pkg://cropi.integrations.verl", "name": "compute_score", "reward_kwargs": {}}}}))
     src = _stage_rows(cur)
@@ -127,16 +134,16 @@ def _trainer(policy, tmp_path):
                            train_dataset=ds)
 
 
-def test_trl_plain_prompts_tokenize_as_cropi_scored(cur, tmp_path, tiny_policy):
-    assert not tiny_policy.chat_template
-    _tokens_match(tiny_policy, cur, tmp_path, _trainer(tiny_policy, tmp_path))
+def test_trl_plain_prompts_tokenize_as_cropi_scored(cur, tmp_path, own_tiny):
+    assert not own_tiny.chat_template
+    _tokens_match(own_tiny, cur, tmp_path, _trainer(own_tiny, tmp_path))
 
 
 @pytest.mark.real
-def test_trl_chat_export_tokenizes_as_cropi_scored(cur, tmp_path, tiny_policy, smollm2):
+def test_trl_chat_export_tokenizes_as_cropi_scored(cur, tmp_path, own_tiny, smollm2):
     """SmolLM2 has a chat template: the conversational export gives TRL the tokens cropi scored;
     the old plain-text export did not."""
-    trainer = _trainer(tiny_policy, tmp_path)
+    trainer = _trainer(own_tiny, tmp_path)
     like = types.SimpleNamespace(**{k: getattr(trainer, k) for k in
                                     ("chat_template", "tools", "environment_factories", "_is_vlm", "chat_template_kwargs")})
     like.processing_class = smollm2.tokenizer
