@@ -358,12 +358,13 @@ class Accumulator:
         else:
             self.out = torch.zeros(B, projector.k, device=projector.device)
 
-    def add(self, x: torch.Tensor, offset: int) -> None:
-        """x [B, n]: coordinates offset..offset+n-1."""
+    def add(self, x: torch.Tensor, offset: int, at: list[int] | None = None) -> None:
+        """x [b, n]: coordinates offset..offset+n-1 of the vectors ``at`` (default all B, b = B)."""
+        at = slice(None) if at is None else at
         if self.p.kind == "trak":
-            self.flat[:, offset:offset + x.shape[1]] += x.to(self.flat)
+            self.flat[at, offset:offset + x.shape[1]] += x.to(self.flat)
         else:
-            self.out += self.p.project(x, offset)
+            self.out[at] += self.p.project(x, offset)
 
     def add_rows(self, x: torch.Tensor, offset: int, rows: torch.Tensor, cols: int, n: int) -> None:
         """x [B, r, cols]: rows ``rows`` of the [n // cols, cols] parameter at ``offset`` (``project_rows``)."""
