@@ -139,28 +139,30 @@ class LayerGrads:
         return _unit_objective(self.model, dict(self.model.named_parameters()), dict(self.model.named_buffers()),
                                *flat, self.cfg.temperature, self.cfg.ratio_clip)
 
-    def _accumulated(self, prompt_ids, responses, weights, behavior_logp):
-        """One prompt whose responses exceed a micro-batch: plain backward of its chunks into .grad."""
-        units = self._units(prompt_ids, responses, weights, behavior_logp)
+    def _backward_into_grad(self, units) -> dict[str, torch.Tensor]:
+        """Plain backward of J summed over every sequence of ``units``, ``micro_batch`` sequences at a
+        time, into the selected parameters' .grad (the others frozen). Returns {name: parameter}."""
         params = dict(self.model.named_parameters())
-        acc = Accumulator(self.projector, 1)
-        sq = torch.zeros(1, dtype=torch.float64)
+        for n in self.names:
+            params[n].grad = None
         handle = _leaf_embeddings(self.model)
         try:
             with _frozen(self.model, set(self.names)), _eval(self.model), self._checkpointed(), torch.enable_grad():
-                for n in self.names:
-                    params[n].grad = None
                 for lo in range(0, units.input_ids.shape[0], self.micro_batch):
                     self._objective(units, lo, lo + self.micro_batch).backward()
         finally:
             handle.remove()
-            for n in self.names:
-                g = params[n].grad
-                g = torch.zeros_like(params[n]) if g is None else g
-                g = g.reshape(1, -1).float()
-                params[n].grad = None
-                sq += (g.double() ** 2).sum()
-                acc.add(g, self.params[n].offset)
+        return {n: params[n] for n in self.names}
+
+    def _accumulated(self, prompt_ids, responses, weights, behavior_logp):
+        """One prompt whose responses exceed a micro-batch: plain backward of its chunks into .grad."""
+        acc = Accumulator(self.projector, 1)
+        sq = torch.zeros(1, dtype=torch.float64)
+        for n, p in self._backward_into_grad(self._units(prompt_ids, responses, weights, behavior_logp)).items():
+            g = torch.zeros(1, p.numel(), device=p.device) if p.grad is None else p.grad.reshape(1, -1).float()
+            p.grad = None
+            sq += (g.double() ** 2).sum()
+            acc.add(g, self.params[n].offset)
         return acc.result(), sq
 
     def _micro_batch(self, prompt_ids, responses, weights, behavior_logp):
@@ -438,3 +440,15 @@ def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, beha
     kind for ``project``): features [P, k] float32 (cpu), ‖g_x‖₂ [P] float64 (exact)."""
     return LayerGrads(policy, names, cfg, projector, micro_batch, checkpointing)(prompt_ids, responses, weights,
                                                                                  behavior_logp)
+
+
+def summed_gradient(policy: models.Policy, prompt_ids, responses, weights, behavior_logp, names: list[str],
+                    cfg: GradConfig, micro_batch: int = 64, checkpointing: bool = False) -> torch.Tensor:
+    """Σ_x g_x over the given prompts as one flat [d] float32 vector (cpu) in ``names`` order: plain
+    backward of the summed objective (J is linear in the prompts), ``micro_batch`` sequences at a time."""
+    lg = LayerGrads(policy, names, cfg, None, micro_batch, checkpointing)
+    parts = []
+    for p in lg._backward_into_grad(lg._units(prompt_ids, responses, weights, behavior_logp)).values():
+        parts.append(torch.zeros(p.numel()) if p.grad is None else p.grad.detach().float().flatten().cpu())
+        p.grad = None
+    return torch.cat(parts)

@@ -346,6 +346,26 @@ class Projector:
         return self._project_dense(x, coords, 1.0)
 
 
+class Inner:
+    """Exact inner products with T fixed vectors V [T, d] as a "projection" R^d -> R^T (k = T):
+    project(x, offset) = x V[:, offset:offset+n]ᵀ. Scores a gradient against exact target
+    gradients without storing it (``cropi score --check-rank`` on large models)."""
+
+    kind = "inner"
+
+    def __init__(self, vectors: torch.Tensor):
+        self.v = vectors.float()
+        self.k, self.d = self.v.shape
+        self.device = self.v.device
+
+    def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return x.to(self.v).matmul(self.v[:, offset:offset + x.shape[1]].T)
+
+    def project_rows(self, x: torch.Tensor, offset: int, rows: torch.Tensor, cols: int, n: int) -> torch.Tensor:
+        v = self.v[:, offset:offset + n].view(self.k, n // cols, cols)[:, rows.to(self.device)]  # [T, r, cols]
+        return x.to(self.v).flatten(1).matmul(v.flatten(1).T)
+
+
 class Accumulator:
     """Σ of the block projections of B vectors, added block by block (``add``, ``add_rows``) in any
     order; ``result()`` -> [B, k] float32. trak projects whole vectors only, so for it the blocks are
