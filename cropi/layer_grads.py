@@ -33,7 +33,13 @@ import torch
 from torch.func import functional_call
 
 from cropi import models
-from cropi.policy_grad import GradConfig, _unit_objective, build_units, fill_on_policy, unit_gradients
+from cropi.policy_grad import (
+    GradConfig,
+    _unit_objective,
+    build_units,
+    fill_on_policy,
+    unit_gradients,
+)
 from cropi.projection import Accumulator, Projector
 
 _BLOCK_ENTRIES = 1 << 25  # per-prompt block floats formed at once (128 MiB); at least one prompt's

@@ -91,8 +91,8 @@ def test_micro_batching_does_not_change_a_prompts_gradient(small_policy, batch):
     ident = make_projector("identity", d, d)
     cfg = GradConfig()
     full, nf = layer_grads.prompt_gradients(small_policy, *args_of(batch), names, cfg, ident, micro_batch=64)
-    # 8: two prompts a backward; 3 and 1: each prompt's 4 responses summed over several backwards
-    for mb in (8, 5, 3, 1):
+    # 8: two prompts a backward; 3: each prompt's 4 responses summed over two backwards
+    for mb in (8, 3):
         part, n = layer_grads.prompt_gradients(small_policy, *args_of(batch), names, cfg, ident, micro_batch=mb)
         assert rel(part, full) < 1e-5, mb
         torch.testing.assert_close(n, nf, rtol=1e-5, atol=0)
