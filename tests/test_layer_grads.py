@@ -278,6 +278,15 @@ def test_score_options_recorded_and_paths_agree(lora, tmp_path):
     assert meta["n_params"] == 8 * 4 * 32 and meta["config"]["dtype"] == "bf16"
 
 
+def test_score_with_trak_projector(lora, tmp_path):
+    write_traj(lora / "pool.parquet", 6, 0)
+    write_traj(lora / "t.parquet", 3, 1)
+    r = cli(lora, tmp_path / "trak", "--projector", "trak", "--grad-path", "per-layer")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "trak" / "meta.json").read_text())
+    assert meta["projector"]["kind"] == "trak" and meta["projector"]["impl"] == "trak-basic-100"
+
+
 def test_refusals_are_one_line(lora, tmp_path, monkeypatch):
     write_traj(lora / "pool.parquet", 6, 0)
     write_traj(lora / "t.parquet", 3, 1)
