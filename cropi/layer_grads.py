@@ -252,8 +252,8 @@ class LayerGrads:
             replaced = None
             if not out.requires_grad:  # nothing upstream needs gradients: start the backward here
                 out = replaced = out.detach().requires_grad_()
-            xd = x.detach()
-            out.register_hook(lambda delta: self._backward(mname, xd, delta))
+            box = [x.detach()]  # emptied by the hook: the input is freed once its block is formed
+            out.register_hook(lambda delta: self._backward(mname, box.pop(), delta))
             return replaced
 
         return hook
