@@ -258,10 +258,11 @@ class LayerGrads:
 
         return hook
 
-    def _prompt_tokens(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """t [N, T, ...] -> per prompt its sequences' real tokens [n_p, ...]."""
+    def _prompt_tokens(self, t: torch.Tensor) -> list:
+        """t [N, T, ...] -> per prompt a callable giving its sequences' real tokens [n_p, ...] (copied
+        on demand, so the output-gradient of a large module is not copied for every prompt at once)."""
         mask = self.mask if t.shape[:2] == self.mask.shape else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
-        return [t[(self.owner == p)[:, None] & mask] for p in range(self.n_prompts)]
+        return [lambda p=p: t[(self.owner == p)[:, None] & mask] for p in range(self.n_prompts)]
 
     def _backward(self, mname: str, x: torch.Tensor, delta: torch.Tensor) -> None:
         module = self.modules[mname]
@@ -272,7 +273,7 @@ class LayerGrads:
             if kind == "embedding":
                 self._add_rows(p, module, x, delta)
             elif kind == "linear-bias":
-                self._add_dense(p, torch.stack([d.float().sum(0) for d in self._prompt_tokens(delta)]))
+                self._add_dense(p, torch.stack([d().float().sum(0) for d in self._prompt_tokens(delta)]))
             elif kind == "linear-weight":
                 self._add_linear(p, x, delta)
             else:
@@ -284,7 +285,7 @@ class LayerGrads:
         xs, ds = self._prompt_tokens(x), self._prompt_tokens(delta)
 
         def block(js):
-            return torch.stack([ds[j].float().T @ xs[j].float() for j in js]).reshape(len(js), -1)
+            return torch.stack([ds[j]().float().T @ xs[j]().float() for j in js]).reshape(len(js), -1)
 
         if p.calls_dense > 1:  # several users: their sum is needed for the norm
             self._add_dense(p, block(range(self.n_prompts)))
@@ -304,7 +305,7 @@ class LayerGrads:
         self.recomputing = True  # this forward is ours: the hooks must not see it
         try:
             with torch.enable_grad():
-                for a, d in zip(xs, ds):
+                for a, d in ((a(), d()) for a, d in zip(xs, ds)):
                     leaf = w.clone().requires_grad_()
                     y = functional_call(module, {local: leaf}, (a[None],))
                     (g,) = torch.autograd.grad(y, leaf, d[None].to(y.dtype))
@@ -318,6 +319,7 @@ class LayerGrads:
         rows = p.rows
         vals = torch.zeros(self.n_prompts, len(rows), delta.shape[-1], device=delta.device)
         for j, (i, d) in enumerate(zip(self._prompt_tokens(ids), self._prompt_tokens(delta))):
+            i, d = i(), d()
             if module.padding_idx is not None:
                 keep = i != module.padding_idx
                 i, d = i[keep], d[keep]
