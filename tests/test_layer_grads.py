@@ -112,7 +112,7 @@ def test_parameter_subsets(small_policy, batch, spec):
     for j, b in enumerate(batch):
         ref = plain_grad(model, names, *b)
         assert rel(f[j], ref) < 1e-4
-        assert float(n[j]) == pytest.approx(float(ref.norm()), rel=1e-5)
+        assert float(n[j]) == pytest.approx(float(ref.double().norm()), rel=1e-5)
 
 
 def fresh_policy(seed=2):
@@ -330,4 +330,4 @@ def test_smollm2_per_layer_equals_plain_autograd(smollm2):
             proj += sjlt.project(ref[None, o:o + params[name].numel()], o)[0]
             o += params[name].numel()
         assert rel(f[j], proj) < 1e-4
-        assert float(n[j]) == pytest.approx(float(ref.norm()), rel=1e-4)
+        assert float(n[j]) == pytest.approx(float(ref.double().norm()), rel=1e-4)  # a float32 norm of 134.5M is off by ~1 %
