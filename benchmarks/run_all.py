@@ -25,6 +25,7 @@ STEPS = (
     ("gradients", ["gradients.py"]),
     ("rank", ["rank.py"]),
     ("memory", ["memory.py"]),
+    ("real_model", ["real_model.py"]),
 )
 
 
@@ -272,6 +273,27 @@ def render(records: list[dict]) -> str:
                _table(["pool", "prompts (ok)", "peak RSS MiB", "vs 1x", "wall s", "dense ok gradients would take"],
                       [[f"{r['mult']}x", f"{r['pool_prompts']} ({r['ok_prompts']})", r["peak_rss_mib"],
                         f"{r['vs_1x']:.3f}", r["wall_s"], f"{r['dense_gib']} GiB"] for r in mem]), ""]
+
+    # ------------------------------------------------------------------ real model
+    real = [r for r in records if r.get("bench") == "real_model"]
+    rcost = [r for r in real if r.get("kind") == "cost"]
+    if real:
+        md += ["## 5. A real model: SmolLM2-135M-Instruct", "",
+               "`benchmarks/real_model.py`. Per-layer per-prompt gradients + sjlt (k = 8192) against (a) a plain "
+               "training forward+backward over the same tokens and micro-batches and (b) one prompt at a time with a "
+               "flattened full gradient then sjlt; peak RSS of `cropi score` per pool size in fresh processes; "
+               "`--check-rank` against exact scores.", ""]
+        if rcost:
+            md += [_table(["path", "prompts x G", "tokens", "CPU s / prompt", "prompts / CPU s", "vs (a)", "speed-up over (b)"],
+                          [[r["path"], f"{r['prompts']} x {r['G']}", r["tokens"], r["cpu_s_per_prompt"],
+                            r["prompts_per_cpu_s"], f"{r['vs_plain']:.2f}x", f"{r['loop_speedup']:.2f}x"] for r in rcost]), ""]
+        rss = [r for r in real if r.get("kind") == "peak_rss"]
+        if rss:
+            md += [_table(["pool", "peak RSS MiB", "wall s", "path"],
+                          [[r["pool"], r["peak_rss_mib"], r["wall_s"], r["grad_path"]] for r in rss]), ""]
+        for r in (r for r in real if r.get("kind") == "check_rank"):
+            md += [f"check-rank on {r['n']} prompts (sjlt, k = {r['k']}): precision@10 % {r['precision_at_10pct']:.3f}, "
+                   f"Spearman {r['spearman']:.3f}.", ""]
 
     md += [NOTES]
     return "\n".join(md) + "\n"

@@ -391,7 +391,8 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--max-target", type=click.IntRange(min=1), default=None, help="Prompts per target set (seeded sample).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts per resumable shard.")
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Prompts per batched backward.")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=64, show_default=True, help="Responses per vmap unit.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Responses per vmap unit / per backward of the per-layer path (lower it if memory runs out).")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--check-rank", type=click.IntRange(min=0), default=0, show_default=True, help="Exact-vs-projected check on N prompts (0: off).")
 @click.option("--check-influence", type=click.IntRange(min=0), default=0, show_default=True,
@@ -401,13 +402,21 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
               help="Step sizes ε (L2 norm in parameter space) for --check-influence, repeatable  [default: 1e-3 1e-2 1e-1 1]")
 @click.option("--influence-lr", type=Finite(min=0, min_open=True), default=None,
               help="--check-influence also takes one Adam-like step θ + lr·sign(g) of this lr [default: none].")
+@click.option("--dtype", "compute_dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Forward/backward dtype (projections accumulate in fp32) [default: fp32 on CPU, bf16 on CUDA].")
+@click.option("--adapter", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="PEFT LoRA adapter folder: score gradients of the adapter parameters only (as LESS does).")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute each block's forward in the backward (less memory).")
+@click.option("--grad-path", type=click.Choice(["auto", "per-layer", "vmap"]), default="auto", show_default=True,
+              help="Per-prompt gradients by per-layer hooks in one batched backward, or by vmap (small models); "
+                   "auto picks and records why in meta.json.")
 @click.option("--device", type=Device(), default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (settings must match).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @click.option("--out", type=OutPath(folder=True), required=True)
 def score(trajectories, targets, model, behavior_model, projector, k, density, sjlt_s, dist, seed, params, aggregation,
           adv_std, ratio_clip, combine, max_target, shard_size, batch, micro_batch, feature_dtype, check_rank, check_influence,
-          influence_eps, influence_lr, device, resume, overwrite, out):
+          influence_eps, influence_lr, compute_dtype, adapter, grad_checkpointing, grad_path, device, resume, overwrite, out):
     """Per-prompt off-policy policy gradients -> projection -> cosine with target gradients."""
     from cropi import score as S
     from cropi.distributed import default_device, dist_context
@@ -417,6 +426,8 @@ def score(trajectories, targets, model, behavior_model, projector, k, density, s
                         max_target=max_target, shard_size=shard_size, batch=batch, micro_batch=micro_batch,
                         feature_dtype=feature_dtype, check_rank=check_rank, check_influence=check_influence,
                         influence_eps=tuple(influence_eps) or S.ScoreConfig.influence_eps, influence_lr=influence_lr,
+                        dtype=compute_dtype, adapter=str(adapter) if adapter else None,
+                        grad_checkpointing=grad_checkpointing, grad_path=grad_path,
                         grad=GradConfig(aggregation=aggregation, adv_std=adv_std, ratio_clip=ratio_clip, params=params))
     with dist_context() as (rank, world):
         meta = S.score(trajectories, list(targets), out, model=model, behavior_model=behavior_model, cfg=cfg,

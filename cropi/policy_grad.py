@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, vmap
 
 from cropi import models
 from cropi.advantages import group_advantages
+from cropi.projection import Accumulator, Projector
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
 ADV_STDS = ("group", "batch", "none")
@@ -259,7 +260,8 @@ def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, beha
         prompt_ids: P lists of prompt token ids; responses: P lists of G_x response id lists;
         weights: P lists of G_x per-response weights (``token_weights``); behavior_logp: P lists of
         G_x per-token log β lists, or None per prompt for on-policy;
-        project: callable(block [P, n] float32, offset) -> [P, k] contribution (a Projector.project).
+        project: a Projector (any kind: trak gets its whole vectors assembled), or a
+        callable(block [P, n] float32, offset) -> [P, k] contribution (a Projector.project).
     Returns:
         features [P, k] float32, grad_norm [P] float64 (‖g_x‖₂, exact).
     """
@@ -268,6 +270,7 @@ def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, beha
     grads = unit_gradients(policy, units, names, cfg)
     P = len(prompt_ids)
     owner = units.owner.to(policy.device)
+    acc = Accumulator(project, P) if isinstance(project, Projector) else None
     feats, sq, offset = None, torch.zeros(P, dtype=torch.float64), 0
     for n in names:
         g = grads.pop(n)
@@ -275,7 +278,12 @@ def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, beha
         if g.shape[0] != P or not torch.equal(owner, torch.arange(P, device=owner.device)):
             g = torch.zeros(P, g.shape[1], device=g.device).index_add_(0, owner, g)
         sq += (g.double() ** 2).sum(1).cpu()
-        part = project(g, offset)
-        feats = part if feats is None else feats + part
+        if acc is not None:
+            acc.add(g, offset)
+        else:
+            part = project(g, offset)
+            feats = part if feats is None else feats + part
         offset += g.shape[1]
+    if acc is not None:
+        feats = acc.result()
     return feats.float().cpu(), sq.sqrt()

@@ -40,7 +40,8 @@ _SEED_KEY = 0x243F6A88
 _STREAM_MASK, _STREAM_SJLT, _STREAM_RADEMACHER, _STREAM_GAUSSIAN = 1, 2, 3, 4
 _MASK_CHUNK = 1 << 22  # coordinates hashed per pass step when choosing the mask-dense subset
 _GEN_ENTRIES = 1 << 21  # dense entries generated per chunk (8 MiB of float32)
-_SJLT_CACHE_ENTRIES = 1 << 27  # cached sjlt bucket indices per projector (1 GiB of int64)
+_SJLT_CHUNK = 1 << 22  # coordinates hashed (or widened to int64) per step
+TRAK_MAX_D = 1 << 24  # trak projects whole flat vectors: refused above this many parameters
 _META_KEYS = ("kind", "d", "k", "seed", "density", "s", "dist", "hash", "impl")
 
 
@@ -196,6 +197,9 @@ class Projector:
         if kind == "sjlt":
             self._keys = _keys(seed, _STREAM_SJLT, torch.arange(s)).to(self.device)
         if kind == "trak":
+            if d > TRAK_MAX_D:
+                raise ValueError(f"trak projector needs whole d-dim gradients; d = {d:,} exceeds its limit of "
+                                 f"{TRAK_MAX_D:,} parameters (use --projector sjlt or dense, or fewer --params)")
             self._trak = self._make_trak()
 
     def _make_trak(self):
@@ -270,35 +274,128 @@ class Projector:
         return out.mul_(scale) if scale != 1.0 else out
 
     def _sjlt_index(self, offset: int, n: int) -> torch.Tensor:
-        """int64 [s, n]: bucket + k * (sign < 0) of coordinates offset..offset+n-1, per slot."""
+        """[s, n] bucket + k * (sign < 0) of coordinates offset..offset+n-1, per slot: int16 when
+        2k <= 2^15, else int32. Cached per (offset, n) block (one entry per parameter tensor),
+        least recently used dropped once the cache holds more than 2·s·d entries, so a pass over
+        a model of any size hashes each coordinate once and later passes only look them up."""
         key = (offset, n)
         if key in self._sjlt_cache:
             self._sjlt_cache.move_to_end(key)
             return self._sjlt_cache[key]
-        i = torch.arange(offset, offset + n, device=self.device)
-        h = hash32(self._keys[:, None], i[None, :])  # [s, n]
+        dtype = torch.int16 if 2 * self.k <= 1 << 15 else torch.int32
+        idx = torch.empty(self.s, n, dtype=dtype, device=self.device)
+        for a in range(0, n, _SJLT_CHUNK):
+            idx[:, a:a + _SJLT_CHUNK] = self._sjlt_hash(torch.arange(offset + a, offset + min(n, a + _SJLT_CHUNK),
+                                                                     device=self.device))
+        self._sjlt_cache[key] = idx
+        total = sum(v.numel() for v in self._sjlt_cache.values())
+        while total > 2 * self.s * self.d and len(self._sjlt_cache) > 1:
+            total -= self._sjlt_cache.popitem(last=False)[1].numel()
+        return idx
+
+    def _sjlt_hash(self, coords: torch.Tensor) -> torch.Tensor:
+        """int64 [s, m]: bucket + k * (sign < 0) of the global coordinates coords [m], per slot."""
+        h = hash32(self._keys[:, None], coords[None, :])  # [s, m]
         w = self.k // self.s
         slot = torch.arange(self.s, device=self.device)[:, None]
-        idx = slot * w + (((h >> 1) * w) >> 31) + self.k * (h & 1)
-        if idx.numel() <= _SJLT_CACHE_ENTRIES:
-            self._sjlt_cache[key] = idx
-            total = sum(v.numel() for v in self._sjlt_cache.values())
-            while total > _SJLT_CACHE_ENTRIES:
-                total -= self._sjlt_cache.popitem(last=False)[1].numel()
-        return idx
+        return slot * w + (((h >> 1) * w) >> 31) + self.k * (h & 1)
 
     def _project_sjlt(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         """Count sketch: positive and negative parts accumulate in separate halves of a [B, 2k]
         buffer (no per-element sign multiply), then out = (pos - neg) / sqrt(s)."""
         n = x.shape[1]
+        idx = self._sjlt_index(offset, n)
         acc = torch.zeros(x.shape[0], 2 * self.k, device=self.device)
-        step = max(1, _SJLT_CACHE_ENTRIES // self.s)
-        for a in range(0, n, step):
-            idx = self._sjlt_index(offset + a, min(step, n - a))
+        for a in range(0, n, _SJLT_CHUNK):
+            part = idx[:, a:a + _SJLT_CHUNK].to(torch.int64)
             for j in range(self.s):
-                acc.index_add_(1, idx[j], x[:, a:a + idx.shape[1]])
+                acc.index_add_(1, part[j], x[:, a:a + part.shape[1]])
+        return self._sjlt_out(acc)
+
+    def _sjlt_out(self, acc: torch.Tensor) -> torch.Tensor:
         out = acc[:, :self.k] - acc[:, self.k:]
         return out.mul_(1.0 / math.sqrt(self.s)) if self.s > 1 else out
+
+    def project_rows(self, x: torch.Tensor, offset: int, rows: torch.Tensor, cols: int, n: int) -> torch.Tensor:
+        """Projection of a row-sparse block: x [B, r, cols] holds rows ``rows`` [r] (long, distinct)
+        of a [n // cols, cols] row-major parameter whose coordinates start at ``offset``; every other
+        row is zero. Returns the [B, k] float32 contribution, equal to ``project`` of the dense block
+        (an embedding gradient touches only the rows of the tokens used)."""
+        B, r, c = x.shape
+        if c != cols or n % cols or not (offset >= 0 and offset + n <= self.d):
+            raise ValueError(f"rows block [{B}, {r}, {c}] does not fit a [{n // max(cols, 1)}, {cols}] parameter at {offset}")
+        rows = rows.to(self.device)
+        local = (rows[:, None] * cols + torch.arange(cols, device=self.device)).flatten()  # [r * cols]
+        x = x.to(device=self.device, dtype=torch.float32).reshape(B, r * c)
+        if self.kind == "trak":
+            raise ValueError("trak projects whole vectors only; assemble them with projection.Accumulator")
+        if self.kind == "identity":
+            out = torch.zeros(B, self.d, device=self.device)
+            out[:, offset + local] = x
+            return out
+        if self.kind == "sjlt":
+            idx = self._sjlt_index(offset, n)[:, local].to(torch.int64)
+            acc = torch.zeros(B, 2 * self.k, device=self.device)
+            for j in range(self.s):
+                acc.index_add_(1, idx[j], x)
+            return self._sjlt_out(acc)
+        coords = offset + local
+        if self.kind == "mask-dense" and self._kept is not None:
+            keep = self._kept[torch.searchsorted(self._kept, coords).clamp(max=len(self._kept) - 1)] == coords
+            return self._project_dense(x[:, keep], coords[keep], math.sqrt(self.d / self.m))
+        return self._project_dense(x, coords, 1.0)
+
+
+class Inner:
+    """Exact inner products with T fixed vectors V [T, d] as a "projection" R^d -> R^T (k = T):
+    project(x, offset) = x V[:, offset:offset+n]ᵀ. Scores a gradient against exact target
+    gradients without storing it (``cropi score --check-rank`` on large models)."""
+
+    kind = "inner"
+
+    def __init__(self, vectors: torch.Tensor):
+        self.v = vectors.float()
+        self.k, self.d = self.v.shape
+        self.device = self.v.device
+
+    def project(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return x.to(self.v).matmul(self.v[:, offset:offset + x.shape[1]].T)
+
+    def project_rows(self, x: torch.Tensor, offset: int, rows: torch.Tensor, cols: int, n: int) -> torch.Tensor:
+        v = self.v[:, offset:offset + n].view(self.k, n // cols, cols)[:, rows.to(self.device)]  # [T, r, cols]
+        return x.to(self.v).flatten(1).matmul(v.flatten(1).T)
+
+
+class Accumulator:
+    """Σ of the block projections of B vectors, added block by block (``add``, ``add_rows``) in any
+    order; ``result()`` -> [B, k] float32. trak projects whole vectors only, so for it the blocks are
+    written into flat [B, d] float32 vectors (d <= TRAK_MAX_D) and projected once in ``result``."""
+
+    def __init__(self, projector: Projector, B: int):
+        self.p = projector
+        if projector.kind == "trak":
+            self.flat = torch.zeros(B, projector.d, device=projector.device)
+        else:
+            self.out = torch.zeros(B, projector.k, device=projector.device)
+
+    def add(self, x: torch.Tensor, offset: int, at: list[int] | None = None) -> None:
+        """x [b, n]: coordinates offset..offset+n-1 of the vectors ``at`` (default all B, b = B)."""
+        at = slice(None) if at is None else at
+        if self.p.kind == "trak":
+            self.flat[at, offset:offset + x.shape[1]] += x.to(self.flat)
+        else:
+            self.out[at] += self.p.project(x, offset)
+
+    def add_rows(self, x: torch.Tensor, offset: int, rows: torch.Tensor, cols: int, n: int) -> None:
+        """x [B, r, cols]: rows ``rows`` of the [n // cols, cols] parameter at ``offset`` (``project_rows``)."""
+        if self.p.kind == "trak":
+            view = self.flat[:, offset:offset + n].view(x.shape[0], n // cols, cols)
+            view.index_add_(1, rows.to(view.device), x.to(view))
+        else:
+            self.out += self.p.project_rows(x, offset, rows, cols, n)
+
+    def result(self) -> torch.Tensor:
+        return self.p.project(self.flat, 0) if self.p.kind == "trak" else self.out
 
 
 def make_projector(kind: str, d: int, k: int = 8192, seed: int = 0, *, density: float = 0.1,

@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from cropi import features as F
-from cropi import influence, kron, models, schema
+from cropi import influence, kron, layer_grads, models, schema
 from cropi.distributed import all_reduce_sum, barrier
 from cropi.policy_grad import (
     GradConfig,
@@ -35,7 +35,7 @@ from cropi.policy_grad import (
     select_params,
     token_weights,
 )
-from cropi.projection import make_projector
+from cropi.projection import Inner, make_projector
 from cropi.rollout import rollout_meta
 from cropi.runtime import derive_seed, progress
 
@@ -59,6 +59,55 @@ class ScoreConfig:
     influence_eps: tuple = (1e-3, 1e-2, 1e-1, 1.0)  # normalised step sizes, L2 in parameter space
     influence_lr: float | None = None  # also one Adam-like step (lr·sign g) of this size
     grad: GradConfig = field(default_factory=GradConfig)
+    dtype: str | None = None  # forward/backward dtype: fp32 | bf16 | fp16 (None: fp32 on CPU, bf16 on CUDA)
+    adapter: str | None = None  # PEFT (LoRA) adapter folder: gradients of its parameters only
+    grad_checkpointing: bool = False  # recompute each block's forward in the backward (per-layer path)
+    grad_path: str = "auto"  # auto | per-layer | vmap
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRAD_PATHS = ("auto", "per-layer", "vmap")
+REAL_MODEL_PARAMS = 20_000_000  # auto: models above this many parameters take the per-layer path
+VMAP_BYTES = 1 << 30  # auto: the vmap path only while a batch's P × d float32 gradients fit in this
+
+
+def choose_grad_path(cfg: ScoreConfig, model, d: int) -> tuple[str, str]:
+    """(path that runs, why): kron | per-layer | vmap."""
+    if cfg.projector == "kron":
+        if cfg.grad_path == "vmap":
+            raise ValueError("--projector kron forms its features in one batched backward; --grad-path vmap does not apply")
+        return "kron", "the kron projector forms its features from one batched backward"
+    if cfg.grad_path not in GRAD_PATHS:
+        raise ValueError(f"--grad-path must be one of {', '.join(GRAD_PATHS)}, got {cfg.grad_path!r}")
+    if cfg.grad_path == "vmap" and cfg.grad_checkpointing:
+        raise ValueError("--grad-checkpointing needs --grad-path per-layer (or auto)")
+    if cfg.grad_path != "auto":
+        return cfg.grad_path, "--grad-path"
+    n_model = sum(p.numel() for p in model.parameters())
+    batch_bytes = cfg.batch * d * 4
+    if cfg.grad_checkpointing:
+        return "per-layer", "--grad-checkpointing"
+    if n_model > REAL_MODEL_PARAMS:
+        return "per-layer", f"model of {n_model:,} parameters (> {REAL_MODEL_PARAMS:,})"
+    if batch_bytes > VMAP_BYTES:
+        return "per-layer", f"a batch's P x d gradients take {batch_bytes / 2**30:.2f} GiB (> 1 GiB)"
+    return "vmap", f"small model ({n_model:,} parameters; a batch's P x d gradients take {batch_bytes / 2**20:.0f} MiB)"
+
+
+def with_adapter(policy: models.Policy, adapter) -> models.Policy:
+    """``policy`` with a PEFT adapter folder loaded on top; only the adapter's parameters require grad."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise schema.InputError(adapter, None, "--adapter", "not a PEFT adapter folder (no adapter_config.json)")
+    model = PeftModel.from_pretrained(policy.model, str(adapter), is_trainable=True)
+    return dataclasses.replace(policy, model=model.eval())
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in ("out of memory", "can't allocate memory",
+                                                                     "DefaultCPUAllocator")))
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -167,10 +216,20 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
         batch = todo[s : s + cfg.batch]
         weights = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg.grad, pool_std) for i in batch]
         args = ([prep.prompt_ids[i] for i in batch], [prep.responses[i] for i in batch], weights, [prep.behavior_logp[i] for i in batch])
-        if isinstance(projector, kron.KronProjector):
-            f, gn = kron.prompt_features(policy, *args, cfg.grad, projector, cfg.micro_batch)
-        else:
-            f, gn = prompt_gradients(policy, *args, names, cfg.grad, projector.project, cfg.micro_batch)
+        try:
+            if isinstance(projector, kron.KronProjector):
+                f, gn = kron.prompt_features(policy, *args, cfg.grad, projector, cfg.micro_batch)
+            elif cfg.grad_path == "per-layer":
+                f, gn = layer_grads.prompt_gradients(policy, *args, names, cfg.grad, projector, cfg.micro_batch,
+                                                     cfg.grad_checkpointing)
+            else:
+                f, gn = prompt_gradients(policy, *args, names, cfg.grad, projector, cfg.micro_batch)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            raise ValueError(f"out of memory computing the gradients of {len(batch)} prompts ({cfg.grad_path} path): "
+                             f"lower --batch (now {cfg.batch}) or --micro-batch (now {cfg.micro_batch}), or add "
+                             "--grad-checkpointing or --dtype bf16") from None
         for j, i in enumerate(batch):
             feats[i - lo] = f[j].numpy()
             norms[i - lo] = float(gn[j])
@@ -234,7 +293,13 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
             raise schema.InputError(p, None, "responses", "a target set needs responses and rewards: roll it out first (cropi rollout --prompts ...)")
         target_tables.append(schema.validate(t, "trajectories", p))
     tnames = target_names(targets)
-    policy = policy or models.load(model, device=device)
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    policy = policy or models.load(model, device=device, dtype=DTYPES.get(cfg.dtype))
+    if cfg.dtype is not None:
+        policy.model.to(DTYPES[cfg.dtype])
+    if cfg.adapter:
+        policy = with_adapter(policy, cfg.adapter)
     behavior = models.load(behavior_model, device=device) if behavior_model else None
     if behavior is not None and len(behavior.tokenizer) != len(policy.tokenizer):
         raise schema.InputError(behavior_model, None, "--behavior-model", "tokenizer differs from the scored model's")
@@ -252,7 +317,8 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         raise schema.InputError("--k", None, None, f"{cfg.k} is more than the {d} dimensions of the selected parameters "
                                 f"({grad_cfg.params}): pass --k {d} or less, or --projector identity for exact gradients")
     k = d if cfg.projector == "identity" else projector.k if cfg.projector == "kron" else cfg.k
-    cfg = dataclasses.replace(cfg, k=k)
+    path, why = choose_grad_path(cfg, policy.model, d)
+    requested_path, cfg = cfg.grad_path, dataclasses.replace(cfg, k=k, grad_path=path)
     if cfg.projector != "kron":
         projector = make_projector(cfg.projector, d, k, cfg.seed, density=cfg.density, s=cfg.s, dist=cfg.dist,
                                    device=policy.device)
@@ -267,6 +333,10 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         "loss": grad_cfg.to_dict(),
         "projector": projector.meta(),
         "dtype": cfg.feature_dtype,
+        "compute_dtype": str(next(policy.model.parameters()).dtype).removeprefix("torch."),
+        "grad_path": {"requested": requested_path, "ran": path, "why": why},
+        "grad_checkpointing": cfg.grad_checkpointing,
+        "adapter": None if not cfg.adapter else {"path": str(cfg.adapter), "gradients": "adapter parameters only"},
         "shard_size": cfg.shard_size,
         "behavior": "stored" if behavior is None and "behavior_logprobs" in table.column_names
         else (behavior_model or "on-policy (current model)"),
@@ -356,19 +426,44 @@ def exact_gradients(policy, prep: Prepared, rows: list[int], names, cfg: ScoreCo
     return out
 
 
+def exact_scores(policy, prep: Prepared, rows: list[int], target_preps: list[Prepared], names, cfg: ScoreConfig,
+                 pool_std) -> np.ndarray:
+    """Exact cos(g_x, ḡ_V) [len(rows), n_targets] float64: each target's mean gradient ḡ_V by plain
+    backward (a d-vector per target), then each pool gradient's inner products with them from the
+    per-layer path, never a flat per-prompt gradient."""
+    means = []
+    for tp in target_preps:
+        t_ok = [i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])]
+        g = torch.zeros(param_dim(policy.model, names))
+        for s in range(0, len(t_ok), cfg.batch):
+            b = t_ok[s : s + cfg.batch]
+            w = [token_weights(tp.rewards[i], [len(r) for r in tp.responses[i]], cfg.grad, pool_std) for i in b]
+            g += layer_grads.summed_gradient(policy, [tp.prompt_ids[i] for i in b], [tp.responses[i] for i in b], w,
+                                             [tp.behavior_logp[i] for i in b], names, cfg.grad, cfg.micro_batch,
+                                             cfg.grad_checkpointing)
+        means.append(g / max(len(t_ok), 1))
+    inner = Inner(torch.stack(means).to(policy.device))
+    tnorm = torch.stack(means).double().norm(dim=1)
+    out = np.zeros((len(rows), len(means)))
+    for s in range(0, len(rows), cfg.batch):
+        b = rows[s : s + cfg.batch]
+        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg.grad, pool_std) for i in b]
+        dots, norms = layer_grads.prompt_gradients(policy, [prep.prompt_ids[i] for i in b], [prep.responses[i] for i in b],
+                                                   w, [prep.behavior_logp[i] for i in b], names, cfg.grad, inner,
+                                                   cfg.micro_batch, cfg.grad_checkpointing)
+        out[s : s + len(b)] = (dots.double() / (norms[:, None] * tnorm[None, :]).clamp(min=1e-30)).numpy()
+    return out
+
+
 def check_rank(policy, prep: Prepared, target_preps: list[Prepared], scores: pa.Table, names, cfg: ScoreConfig, pool_std) -> dict:
     """Exact vs projected scores on N seeded ok prompts: precision@10 % and Spearman ρ."""
     ok = np.flatnonzero(np.array(scores.column("status").to_pylist()) == "ok")
     rng = np.random.default_rng(derive_seed(cfg.seed, "check-rank"))
     rows = np.sort(rng.choice(ok, min(cfg.check_rank, len(ok)), replace=False)).tolist()
-    exact = exact_gradients(policy, prep, rows, names, cfg, pool_std)
+    exact = exact_scores(policy, prep, rows, target_preps, names, cfg, pool_std)
     per_exact, per_proj = {}, {}
-    for tp, col in zip(target_preps, [c for c in scores.column_names if c.startswith(schema.SCORE_PREFIX)]):
-        t_ok = [i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])]
-        g = np.zeros(exact.shape[1], dtype=np.float64)
-        for s in range(0, len(t_ok), 64):
-            g += exact_gradients(policy, tp, t_ok[s : s + 64], names, cfg, pool_std).astype(np.float64).sum(0)
-        per_exact[col] = influence.cosine(exact, g / max(len(t_ok), 1))
+    for j, col in enumerate([c for c in scores.column_names if c.startswith(schema.SCORE_PREFIX)]):
+        per_exact[col] = exact[:, j]
         per_proj[col] = np.asarray(scores.column(col).to_numpy(zero_copy_only=False))[rows]
     ones = np.ones(len(rows), dtype=bool)
     ex = influence.combine(per_exact, ones, cfg.combine)

@@ -57,7 +57,7 @@ def test_verl_custom_reward_loader_contract():
     ground_truth=..., extra_info=..., **reward_kwargs) with keywords."""
     import importlib
 
-    fn = getattr(importlib.import_module("cropi.integrations.verl"), "compute_score")
+    fn = importlib.import_module("cropi.integrations.verl").compute_score
     assert fn(data_source="cropi/chain_sum", solution_str="Answer: 5", ground_truth="5", extra_info={"metadata": "{}"}) == 1.0
 
 
