@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,14 +89,16 @@ def add_lora(model, *, rank: int, alpha: float, targets: str, seed: int, adapter
     in folder ``adapter`` (resume)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if adapter is not None:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    names = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none",
-                     task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "lora"))
-        return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft still asks transformers 5 the deprecated question
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        if adapter is not None:
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        names = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none",
+                         task_type="CAUSAL_LM")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "lora"))
+            return get_peft_model(model, cfg)
 
 
 def load_policy(model: str, checkpoint: Path | None, cfg, device) -> models.Policy:
