@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
@@ -234,6 +235,8 @@ def load(name_or_path: str = TINY, device: str | torch.device = "cpu", dtype: to
     from transformers import AutoModelForCausalLM
 
     path = resolve(name_or_path)
+    if isinstance(path, Path) and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        return _load_adapter(path, device, dtype, chat_template)
     try:
         tokenizer = load_tokenizer(path) if isinstance(path, Path) else _hub_tokenizer(path)
         if dtype is None:
@@ -250,6 +253,22 @@ def load(name_or_path: str = TINY, device: str | torch.device = "cpu", dtype: to
         tokenizer.pad_token = tokenizer.eos_token
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
     return Policy(model, tokenizer, str(name_or_path), str(path), use_chat)
+
+
+def _load_adapter(path: Path, device, dtype, chat_template) -> Policy:
+    """A PEFT adapter folder (a LoRA training checkpoint): its base model (``base_model_name_or_path``
+    of adapter_config.json) with the adapter applied, unmerged, and the folder's tokenizer."""
+    from peft import PeftModel
+
+    base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise FileNotFoundError(f"model {str(path)!r}: adapter_config.json names no base model")
+    base = load(base_name, device=device, dtype=dtype, chat_template=chat_template)
+    model = PeftModel.from_pretrained(base.model, str(path)).to(device).eval()
+    tokenizer = load_tokenizer(path) if (path / "tokenizer_config.json").exists() else base.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Policy(model, tokenizer, str(path), str(path), base.chat_template)
 
 
 def _drop_gguf_quantizer(model) -> None:
@@ -321,27 +340,88 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
     return input_ids.to(device), attn.to(device), resp.to(device)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   return_entropy: bool = False):
-    """log π(x_t | x_<t) at ``temperature`` for every position: [N, T] float32 (position 0 = 0).
+LOGIT_CHUNK = 2**25  # float32 logits per chunk (128 MiB): log-prob memory stays flat in batch x vocab
+# Config fields of architectures whose logits are not just lm_head(last hidden state).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scaling")
 
-    Differentiable. With ``return_entropy`` also returns the per-position entropy [N, T]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    logits = logits.float() / temperature
+
+def split_head(model):
+    """(decoder, head) with ``model(x).logits == head(decoder(x).last_hidden_state)``, or None
+    when the architecture transforms its logits further (soft-capping, scaling) or is not a
+    plain ``*ForCausalLM``. A PEFT wrapper is looked through (its adapters live in the modules)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Module) or decoder is None or decoder is model:
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any(getattr(cfg, k, None) not in (None, 0, 1, 1.0) for k in _LOGIT_TRANSFORMS):
+        return None
+    return decoder, head
+
+
+def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
+    """One chunk: hidden [M, H] (or logits [M, V] with head = Identity), targets [M] long ->
+    (log π(target) [M] float32, entropy [M] float32 detached, or None)."""
+    logits = head(hidden).float() / temperature
     logz = torch.logsumexp(logits, dim=-1)
-    lp = torch.gather(logits, -1, input_ids[:, 1:, None]).squeeze(-1) - logz
-    lp = F.pad(lp, (1, 0))
+    lp = torch.gather(logits, -1, targets[:, None]).squeeze(-1) - logz
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return lp, ent
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False, chunk: int = LOGIT_CHUNK):
+    """log π(x_t | x_<t) at ``temperature`` for every position: [N, T] float32 (position 0 = 0,
+    and 0 wherever x_t is padding, attention_mask 0).
+
+    Differentiable. Memory: the vocabulary projection runs over chunks of at most
+    ``chunk // V`` real (non-pad) positions, so no [N, T, V] float32 tensor exists; with grad
+    enabled each chunk is recomputed in backward (activation checkpointing) instead of being
+    kept. Architectures without a plain lm_head (see `split_head`) take the full logits from
+    the model, then the same chunked float32 log-softmax. With ``return_entropy`` also returns
+    the per-position entropy [N, T] (nats, detached)."""
+    n, T = input_ids.shape
+    live = attention_mask[:, 1:].bool()
+    targets = input_ids[:, 1:][live]
+    split = split_head(model)
+    if split is not None:
+        decoder, head = split
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        vocab = head.weight.shape[0]
+    else:
+        head = torch.nn.Identity()
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        vocab = hidden.shape[-1]
+    hidden = hidden[:, :-1][live]  # [M, H] (or [M, V])
+    rows = max(1, chunk // vocab)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    lps, ents = [], []
+    for s in range(0, hidden.shape[0], rows):
+        args = (head, hidden[s : s + rows], targets[s : s + rows], temperature, return_entropy)
+        if recompute:
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        lps.append(lp)
+        ents.append(ent)
+    zeros = torch.zeros((n, T - 1), dtype=torch.float32, device=input_ids.device)
+    lp = F.pad(zeros.masked_scatter(live, torch.cat(lps) if lps else zeros.new_zeros(0)), (1, 0))
     if not return_entropy:
         return lp
-    p = torch.softmax(logits, dim=-1)
-    ent = F.pad(logz - (p * logits).sum(-1), (1, 0))
+    ent = F.pad(zeros.masked_scatter(live, torch.cat(ents) if ents else zeros.new_zeros(0)), (1, 0))
     return lp, ent
 
 
 @torch.no_grad()
 def response_logprobs(policy: Policy, prompt_ids, response_ids, temperature: float = 1.0,
                       micro_batch: int = 64) -> list[list[float]]:
-    """Per-token log-probabilities of each response under ``policy`` (a fresh forward pass)."""
+    """Per-token log-probabilities of each response under ``policy`` (a fresh forward pass over
+    ``micro_batch`` sequences at a time; the vocabulary in chunks, see `token_logprobs`)."""
     out: list[list[float]] = []
     pad = policy.tokenizer.pad_token_id
     for s in range(0, len(prompt_ids), micro_batch):
@@ -375,11 +455,10 @@ def sample(policy: Policy, prompt_ids: list[list[int]], *, temperature: float = 
     out = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=dev)
-    past = None
+    cache = _step_kwargs(model)
     step_ids, step_pos = ids, pos
     for t in range(max_new_tokens):
-        res = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=past, use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True, **cache)
         logits = res.logits[:, -1].float()
         if temperature <= 0:
             nxt = logits.argmax(-1)
@@ -401,6 +480,27 @@ def sample(policy: Policy, prompt_ids: list[list[int]], *, temperature: float = 
         step_pos = step_pos[:, -1:] + 1
     out = out.cpu()
     return [out[i, : int(lengths[i])].tolist() for i in range(n)]
+
+
+def _step_kwargs(model) -> dict:
+    """Keyword arguments of a decoding forward: a fresh KV cache object under the name this
+    transformers version's ``forward`` takes (``cache`` since 5.x, ``past_key_values`` before; the
+    cache is filled in place), and ``logits_to_keep=1`` where supported (no [n, P, V] logits for
+    the prompt)."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through PEFT
+    params = inspect.signature(base.forward).parameters
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # transformers < 4.56 builds its layers lazily
+        cache = DynamicCache()
+    out = {"cache" if "cache" in params else "past_key_values": cache}
+    if "logits_to_keep" in params:
+        out["logits_to_keep"] = 1
+    return out
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

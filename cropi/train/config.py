@@ -128,6 +128,22 @@ class TrainConfig:
     micro_batch: int = _opt(
         0, "Responses per forward/backward pass (0: the whole batch); the update does not change."
     )
+    bf16: bool = _opt(
+        False,
+        "bfloat16 autocast for the step's forward passes (generation, log-probs); weights, grads, "
+        "optimizer and losses stay float32. Needs bf16 support (CPU, GPUs from Ampere on).",
+    )
+    grad_checkpointing: bool = _opt(
+        False, "Recompute each decoder layer in backward instead of keeping its activations."
+    )
+    lora_rank: int = _opt(
+        0, "Train LoRA adapters of this rank (peft) instead of every weight (0: full fine-tuning)."
+    )
+    lora_alpha: float = _opt(32.0, "LoRA scaling numerator: the update is (alpha / rank) * B A.")
+    lora_targets: str = _opt(
+        "all-linear",
+        "Modules that get LoRA adapters: comma-separated names (e.g. q_proj,v_proj) or all-linear.",
+    )
     eval_every: int = _opt(5, "Evaluate target accuracy every N steps (0: only at the end).")
     eval_temperature: float = _opt(0.0, "Sampling temperature of the periodic eval (0: greedy).")
     eval_samples: int = _opt(
@@ -177,6 +193,9 @@ class TrainConfig:
             ("steps_per_stage", self.steps_per_stage >= 1, "must be >= 1"),
             ("stages", self.stages >= 0, "must be >= 0"),
             ("micro_batch", self.micro_batch >= 0, "must be >= 0"),
+            ("lora_rank", self.lora_rank >= 0, "must be >= 0"),
+            ("lora_alpha", self.lora_alpha > 0, "must be > 0"),
+            ("lora_targets", bool(self.lora_targets.strip(" ,")), "must name at least one module"),
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
             ("eval_temperature", self.eval_temperature >= 0, "must be >= 0"),
             ("eval_samples", self.eval_samples >= 1, "must be >= 1"),

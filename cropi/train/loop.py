@@ -66,6 +66,7 @@ from cropi.evaluate import evaluate, load_set, set_names
 from cropi.rewards import rewards as task_rewards
 from cropi.runtime import derive_seed, progress, verbosity
 from cropi.train import checkpoint as ckpt
+from cropi.train import scale
 from cropi.train.config import TrainConfig
 from cropi.train.losses import mask_truncated, overlong_penalty, policy_loss, rl_plus_token_weights
 from cropi.train.plot import plot_curves
@@ -516,6 +517,14 @@ def loss_total(mask: torch.Tensor, agg: str) -> float:
     return float(mask.sum()) if agg == "token-mean" else float((mask.sum(-1) > 0).sum())
 
 
+def _forward_logprobs(model, ids, attn, cfg: TrainConfig, entropy: bool):
+    """One micro-batch's differentiable log-probs [n, t] (and detached entropy [n, t] when
+    ``entropy``, else None) under the run's bf16 / activation-checkpointing settings."""
+    with scale.autocast(cfg.bf16, ids.device), scale.checkpointing(model, cfg.grad_checkpointing):
+        out = models.token_logprobs(model, ids, attn, cfg.temperature, return_entropy=entropy)
+    return out if entropy else (out, None)
+
+
 def update(
     policy: models.Policy,
     ref: torch.nn.Module | None,
@@ -536,7 +545,7 @@ def update(
     total = loss_total(batch.mask, cfg.loss_agg)
     ref_lp = None
     if ref is not None:
-        with torch.no_grad():
+        with torch.no_grad(), scale.autocast(cfg.bf16, batch.ids.device):
             ref_lp = [
                 models.token_logprobs(ref, batch.ids[c, :t], batch.attn[c, :t], cfg.temperature)
                 for c, t in chunks
@@ -559,17 +568,13 @@ def update(
         opt.zero_grad(set_to_none=True)
         for j, (c, t) in enumerate(chunks):
             ids, attn = batch.ids[c, :t], batch.attn[c, :t]
+            lp, ent = _forward_logprobs(model, ids, attn, cfg, entropy=u == 0)
             if u == 0:
-                lp, ent = models.token_logprobs(
-                    model, ids, attn, cfg.temperature, return_entropy=True
-                )
                 old.append(lp.detach())
                 sampled = batch.sampled[c, :t]
-                acc["ent"] += float((ent.detach() * sampled).sum())
+                acc["ent"] += float((ent * sampled).sum())
                 acc["ent_n"] += float(sampled.sum())
                 del ent
-            else:
-                lp = models.token_logprobs(model, ids, attn, cfg.temperature)
             demo = batch.demo[c] if batch.demo is not None else None
             weight = None
             if demo is not None:
@@ -626,7 +631,8 @@ def update(
 def train_step(policy: models.Policy, ref, opt, stage: Stage, cfg: TrainConfig, step: int) -> dict:
     """Global step `step` (1-based): collect, update; returns the metrics row (no wall clock)."""
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "step", step))
-    kept, generated, info = collect(policy, stage, cfg, gen)
+    with scale.autocast(cfg.bf16, policy.device):
+        kept, generated, info = collect(policy, stage, cfg, gen)
     raw = np.array([grp.raw for grp in generated], dtype=np.float64)
     shaped = np.array([grp.rewards for grp in generated], dtype=np.float64)
     if stage.rlve is not None:
@@ -853,14 +859,16 @@ def train(
 
     info_file = Path(str(models.resolve(spec.model))) / "cropi.json"
     base_info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    if cfg.bf16:
+        scale.check_bf16(device)
     # float32 master weights whatever the device's default dtype (AdamW on bf16 weights drifts)
-    policy = models.load(str(latest) if latest else spec.model, device=device, dtype=torch.float32)
+    policy = scale.load_policy(spec.model, latest, cfg, device)
     ref = None
     if cfg.kl_beta > 0:  # the frozen reference is the run's initial model
         ref = models.load(spec.model, device=device, dtype=torch.float32).model.requires_grad_(
             False
         )
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(scale.trainable(policy.model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: lr_factor(i, cfg.warmup_steps, total, cfg.lr_schedule)
     )
