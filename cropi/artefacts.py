@@ -88,16 +88,23 @@ def _json_file(path: Path) -> dict:
 
 
 def _export(path: Path) -> dict:
-    from cropi.export import TRL_SCHEMA, VERL_SCHEMA
+    import pyarrow as pa
+
+    from cropi.export import MESSAGE, TRL_COLUMNS, VERL_SCHEMA
 
     fmt = schema.read_cropi_meta(path)["format"]
-    want = VERL_SCHEMA if fmt == "verl" else TRL_SCHEMA
     table = pq.read_table(path)
-    for f in want:
-        if f.name not in table.column_names:
-            raise schema.InputError(path, None, f.name, f"missing column (a {fmt} export needs {want.names})")
-        if table.schema.field(f.name).type != f.type:
-            raise schema.InputError(path, None, f.name, f"wrong type: expected {f.type}, got {table.schema.field(f.name).type}")
+    if fmt == "verl":
+        want = {f.name: (f.type,) for f in VERL_SCHEMA}
+    else:  # TRL: the prompt is plain text, or chat messages when the model has a chat template
+        want = {name: () for name in TRL_COLUMNS}
+        want["prompt"] = (pa.string(), pa.list_(MESSAGE))
+    for name, types in want.items():
+        if name not in table.column_names:
+            raise schema.InputError(path, None, name, f"missing column (a {fmt} export needs {list(want)})")
+        got = table.schema.field(name).type
+        if types and got not in types:
+            raise schema.InputError(path, None, name, f"wrong type: expected {' or '.join(map(str, types))}, got {got}")
     manifest = schema.read_cropi_meta(path).get("manifest", {})
     return {"kind": f"export-{fmt}", "rows": table.num_rows, "stage": manifest.get("stage"),
             "selector": manifest.get("selector")}

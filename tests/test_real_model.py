@@ -35,13 +35,13 @@ FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "math_promp
 
 def test_rollout_rewards_reverify_and_logprobs_equal_a_fresh_forward(smollm2, tmp_path):
     """`cropi rollout --model smollm2`, 3 math prompts x 2 responses of <= 48 tokens: stored rewards
-    equal tasks.rewards on the stored texts; stored behaviour log-probs equal one plain float32
+    equal rewards.rewards on the stored texts; stored behaviour log-probs equal one plain float32
     log-softmax over the full logits of each sequence alone (|diff| < 1e-4 nats: batch padding
     changes the matmul shapes, nothing else)."""
     import torch
     from click.testing import CliRunner
 
-    from cropi import models, schema, tasks
+    from cropi import models, rewards, schema
     from cropi.cli import main
 
     out = tmp_path / "traj.parquet"
@@ -51,7 +51,7 @@ def test_rollout_rewards_reverify_and_logprobs_equal_a_fresh_forward(smollm2, tm
     rows = schema.read_table(out).to_pylist()
     assert len(rows) == 3 and all(len(r["responses"]) == 2 for r in rows)
     for r in rows:
-        assert r["rewards"] == tasks.rewards(r["responses"], [r, r])
+        assert r["rewards"] == rewards.rewards(r["responses"], [r, r])
         assert models.decode_responses(smollm2, r["response_token_ids"]) == r["responses"]
         prompt = models.encode_prompts(smollm2, [r["prompt"]])[0]
         for resp, blp in zip(r["response_token_ids"], r["behavior_logprobs"]):
