@@ -98,13 +98,13 @@ def test_rollout_total_is_the_row_count_and_resume_does_not_overcount(tmp_path, 
 def test_trainer_says_once_that_tensorboard_is_missing(tmp_path, monkeypatch, capsys):
     import sys
 
-    from cropi.train import loop
+    from cropi.train import logs
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import -> ImportError
-    monkeypatch.setattr(loop, "_TB_NOTICE", [])
+    monkeypatch.setattr(logs, "TB_NOTICE", [])
     monkeypatch.delenv("CROPI_QUIET", raising=False)
-    assert loop._tensorboard(tmp_path, 0) is None
-    assert loop._tensorboard(tmp_path, 0) is None
+    assert logs.tensorboard(tmp_path, 0) is None
+    assert logs.tensorboard(tmp_path, 0) is None
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "cropi[tb]" in err[0]
     assert not (tmp_path / "tb").exists()

@@ -23,7 +23,9 @@ from cropi import curriculum, models, rewards, schema, tasks
 from cropi.cli import main
 from cropi.evaluate import evaluate, ks_for, pass_at_k
 from cropi.train import checkpoint as ckpt
-from cropi.train import loop
+from cropi.train import groups as tgroups
+from cropi.train import loop, stages
+from cropi.train import step as tstep
 from cropi.train.config import TrainConfig
 from cropi.train.plot import read_metrics
 
@@ -126,11 +128,11 @@ def _batch(policy, cfg):
         max_new_tokens=12,
         generator=gen,
     )
-    stage = loop.Stage(0, stage_rows, ids, None, None, None, None, None, {})
+    stage = stages.Stage(0, stage_rows, ids, None, None, None, None, None, {})
     rewards = [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
     eos = policy.tokenizer.eos_token_id
     groups = [
-        loop.Group(
+        tgroups.Group(
             j,
             resp[4 * j : 4 * j + 4],
             rewards[j],
@@ -139,7 +141,7 @@ def _batch(policy, cfg):
         )
         for j in range(2)
     ]
-    return loop.build_batch(policy, stage, groups, cfg), resp
+    return tstep.build_batch(policy, stage, groups, cfg), resp
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -151,7 +153,7 @@ def test_micro_batched_update_equals_full_batch_autograd(tiny_policy, agg):
     model = tiny_policy.model
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    loop.update(tiny_policy, None, opt, batch, cfg)
+    tstep.update(tiny_policy, None, opt, batch, cfg)
     delta = [b - p.detach() for b, p in zip(before, model.parameters())]
     with torch.no_grad():
         for p, b in zip(model.parameters(), before):
@@ -185,7 +187,7 @@ def test_update_moves_log_probs_along_the_advantages(tiny_policy):
 
     before = seq_logp()
     opt = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr)
-    stats = loop.update(policy, None, opt, batch, cfg)
+    stats = tstep.update(policy, None, opt, batch, cfg)
     change = seq_logp() - before
     assert stats["clip_frac"] == 0.0 and math.isfinite(stats["loss"])
     # advantages: group 0 [+, -, -, +], group 1 [-, -, +, -]

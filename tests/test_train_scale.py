@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from cropi import curriculum, models, tasks
 from cropi.train import checkpoint as ckpt
 from cropi.train import loop, scale
+from cropi.train import step as tstep
 from cropi.train.config import TrainConfig
 
 SMALL = dict(batch_prompts=2, group_size=4, max_new_tokens=12, lr=5e-4, steps_per_stage=2,
@@ -56,10 +57,10 @@ def test_two_steps_with_micro_batch_2_and_8_give_the_same_weights(cur, tmp_path,
 
 
 def _update_delta(policy, batch, cfg):
-    """The parameter change of one loop.update with SGD(lr=1): minus the batch gradient."""
+    """The parameter change of one tstep.update with SGD(lr=1): minus the batch gradient."""
     model = policy.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loop.update(policy, None, torch.optim.SGD(model.parameters(), lr=1.0), batch, cfg)
+    tstep.update(policy, None, torch.optim.SGD(model.parameters(), lr=1.0), batch, cfg)
     delta = {n: before[n] - p.detach() for n, p in model.named_parameters()}
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -73,7 +74,7 @@ def _small_batch(policy, cfg):
     ids = [p for p in models.encode_prompts(policy, ["12+30=\n", "What is 2*7?\n"]) for _ in range(3)]
     resp = models.sample(policy, ids, max_new_tokens=cfg.max_new_tokens, generator=g)
     ids, attn, rmask = models.pack(ids, resp, policy.tokenizer.pad_token_id)
-    return loop.Batch(ids, attn, rmask, rmask, torch.tensor([1.0, -0.5, -0.5, 0.8, -0.4, -0.4]), None)
+    return tstep.Batch(ids, attn, rmask, rmask, torch.tensor([1.0, -0.5, -0.5, 0.8, -0.4, -0.4]), None)
 
 
 def test_activation_checkpointing_gives_the_same_gradient(tiny_policy):

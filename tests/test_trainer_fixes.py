@@ -18,7 +18,7 @@ from cropi import curriculum, schema, tasks
 from cropi.advantages import group_advantages
 from cropi.cli import main
 from cropi.train import checkpoint as ckpt
-from cropi.train import loop
+from cropi.train import groups, loop, stages
 from cropi.train.config import TrainConfig
 from cropi.train.losses import kl_k3, policy_loss
 from cropi.train.samplers import PromptSampler, VCRLBank
@@ -83,9 +83,9 @@ def test_k3_is_bounded_as_verl():
 # ---------------------------------------------------------------------------- collect(): filters and replay
 
 
-def _stage(n_rows: int, bank: VCRLBank | None = None) -> loop.Stage:
+def _stage(n_rows: int, bank: VCRLBank | None = None) -> stages.Stage:
     rows = [{"task": "t", "difficulty": 0, "prompt": f"p{i}", "answer": "1"} for i in range(n_rows)]
-    return loop.Stage(0, rows, [[1]] * n_rows, PromptSampler(n_rows, 0), bank, None, None, None, {})
+    return stages.Stage(0, rows, [[1]] * n_rows, PromptSampler(n_rows, 0), bank, None, None, None, {})
 
 
 def _fake_rollout(raw: dict, shaped: dict, calls: list):
@@ -94,7 +94,7 @@ def _fake_rollout(raw: dict, shaped: dict, calls: list):
     def rollout_groups(policy, stage, indices, cfg, gen):
         calls.append([int(i) for i in indices])
         g = cfg.group_size
-        return [loop.Group(int(i), [[1]] * g, raw[int(i)], shaped.get(int(i), raw[int(i)]), [False] * g)
+        return [groups.Group(int(i), [[1]] * g, raw[int(i)], shaped.get(int(i), raw[int(i)]), [False] * g)
                 for i in indices]
 
     return rollout_groups
@@ -112,11 +112,11 @@ def test_filters_see_correctness_not_penalty_shaped_rewards(filt, monkeypatch):
     raw = {0: [0.0, 0.0, 0.0, 0.0], 1: [1.0, 0.0, 0.0, 0.0], 2: [1.0, 1.0, 0.0, 0.0]}
     shaped = {0: [0.0, 0.0, -1.0, -1.0], 1: [1.0, 0.0, -1.0, -1.0], 2: [0.5, 1.0, -1.0, 0.0]}
     calls: list = []
-    monkeypatch.setattr(loop, "rollout_groups", _fake_rollout(raw, shaped, calls))
-    monkeypatch.setattr(loop, "draw", _draws([0, 1, 2]))
+    monkeypatch.setattr(groups, "rollout_groups", _fake_rollout(raw, shaped, calls))
+    monkeypatch.setattr(groups, "draw", _draws([0, 1, 2]))
     cfg = TrainConfig(group_size=4, batch_prompts=3, max_refill=0, **{filt: True}, vcrl_kappa=0.7)
     bank = VCRLBank(8, cfg.vcrl_kappa, 2) if filt == "vcrl" else None
-    kept, generated, info = loop.collect(None, _stage(3, bank), cfg, torch.Generator())
+    kept, generated, info = groups.collect(None, _stage(3, bank), cfg, torch.Generator())
     # dynamic sampling keeps rows with passes and fails (1, 2); VCRL keeps p >= 0.7 on
     # correctness: p(1 of 4) = (3/16*4/3) / (1/3) = 0.75, p(2 of 4) = 1
     assert [g.row for g in kept] == [1, 2] and info["dropped"] == 1
@@ -132,10 +132,10 @@ def test_vcrl_replays_a_group_not_already_in_the_batch(monkeypatch):
     bank = VCRLBank(capacity=8, kappa=0.8, max_replay=1)
     bank.offer([0, 1], np.array([raw[0], raw[1]]))  # both p = 1; row 0 is older: replayed first
     calls: list = []
-    monkeypatch.setattr(loop, "rollout_groups", _fake_rollout(raw, {}, calls))
-    monkeypatch.setattr(loop, "draw", _draws([0, 2]))
+    monkeypatch.setattr(groups, "rollout_groups", _fake_rollout(raw, {}, calls))
+    monkeypatch.setattr(groups, "draw", _draws([0, 2]))
     cfg = TrainConfig(group_size=4, batch_prompts=2, max_refill=0, vcrl=True)
-    kept, _, info = loop.collect(None, _stage(3, bank), cfg, torch.Generator())
+    kept, _, info = groups.collect(None, _stage(3, bank), cfg, torch.Generator())
     assert calls == [[0, 2], [1]]  # fresh rows 0 and 2 (2 dropped), then row 1 replayed
     assert [g.row for g in kept] == [0, 1] and info["replayed"] == 1
     assert 0 in bank and bank.replays(0) == 0  # still waiting for its replay

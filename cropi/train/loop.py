@@ -2,8 +2,11 @@
 
 One step: draw `batch_prompts` prompts from the current stage's shard, sample `group_size`
 responses each in one batched call, verify them, turn rewards into advantages, and take
-`mu_updates` clipped-surrogate updates on that batch. The math is in `advantages`, `losses`
-and `samplers`; this module only wires it.
+`mu_updates` clipped-surrogate updates on that batch. This module is the recipe: the run
+spec, the run folder, resume and the step loop. Its components: `stages` (open or --rescore a
+stage), `groups` (sample and verify groups, dynamic sampling, VCRL, RL-PLUS), `step` (pack and
+update), `logs` (evaluation rows, metrics.jsonl, TensorBoard); the math is in
+`cropi.advantages`, `losses` and `samplers`.
 
     RUN/config.yaml            the resolved RunSpec (run options + `train:` TrainConfig)
     RUN/metrics.jsonl          one {"event": "train", ...} row per step, {"event": "eval", ...} rows
@@ -46,9 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -56,21 +57,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
-from cropi import config, curriculum, models, schema, tasks
-from cropi.advantages import group_advantages, has_signal
-from cropi.evaluate import evaluate, load_set, set_names
-from cropi.rewards import rewards as task_rewards
-from cropi.runtime import derive_seed, progress, verbosity
+from cropi import config, models, schema
+from cropi.evaluate import load_set, set_names
+from cropi.runtime import derive_seed, progress
 from cropi.train import checkpoint as ckpt
 from cropi.train import scale
 from cropi.train.config import TrainConfig
-from cropi.train.losses import mask_truncated, overlong_penalty, policy_loss, rl_plus_token_weights
+from cropi.train.logs import eval_now, tb_row, tensorboard, truncate_metrics
 from cropi.train.plot import plot_curves
-from cropi.train.samplers import PromptSampler, RLVEController, VCRLBank, dynamic_sampling
+from cropi.train.stages import check_stages, open_stage
+from cropi.train.step import train_step
 
 WALL_CLOCK_FIELDS = ("seconds",)  # the only metrics that differ between identical runs
 
@@ -218,609 +217,6 @@ def stop_on_signals(flag: StopFlag):
             signal.signal(s, h)
 
 
-# ---------------------------------------------------------------------------- stages
-
-
-@dataclass
-class Stage:
-    """One curriculum shard and the per-stage sampling state."""
-
-    index: int
-    rows: list[dict]
-    prompt_ids: list[list[int]]
-    sampler: PromptSampler
-    bank: VCRLBank | None
-    rlve: RLVEController | None
-    demos: list[list[int]] | None  # RL-PLUS demonstration token ids per row
-    demo_rewards: list[float] | None
-    manifest: dict
-
-    def state_dict(self) -> dict:
-        return {
-            "index": self.index,
-            "sampler": self.sampler.state_dict(),
-            "bank": self.bank.state_dict() if self.bank else None,
-            "rlve": self.rlve.state_dict() if self.rlve else None,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        if self.bank is not None:
-            self.bank.load_state_dict(state["bank"])
-        if self.rlve is not None:
-            self.rlve.load_state_dict(state["rlve"])
-
-
-def demonstration(policy: models.Policy, row: dict) -> list[int]:
-    """RL-PLUS external demonstration: token ids of "Answer: <answer>" + EOS (the warm-up format)."""
-    tok = policy.tokenizer
-    return tok(f"{tasks.ANSWER_PREFIX} {row['answer']}", add_special_tokens=False)["input_ids"] + [
-        tok.eos_token_id
-    ]
-
-
-def stage_source(spec: RunSpec, run_dir: Path, s: int) -> Path | None:
-    """The curriculum folder that holds stage `s` for this run: the run's own RUN/curriculum
-    (stages --rescore made) first, then the input curriculum; None when neither has it."""
-    for root in (Path(run_dir) / "curriculum", Path(spec.curriculum)):
-        if s in curriculum.stage_dirs(root):
-            return root
-    return None
-
-
-def open_stage(
-    s: int, spec: RunSpec, policy: models.Policy, run_dir: Path, checkpoint_name: str
-) -> Stage:
-    """Stage `s` of the curriculum; with --rescore, first create it when it is missing by
-    scoring the offline pool with the current policy (RUN/scores/stage-SSS/) and selecting
-    into RUN/curriculum/stage-SSS (the input curriculum is only read)."""
-    cfg = spec.train
-    src = stage_source(spec, run_dir, s)
-    if src is None and spec.rescore:
-        from cropi.score import ScoreConfig, score
-
-        sdir = run_dir / "scores" / f"stage-{s:03d}"
-        score(
-            spec.trajectories,
-            list(spec.targets),
-            sdir,
-            model=checkpoint_name,
-            policy=dataclasses.replace(policy, path=checkpoint_name),  # recorded as "checkpoint"
-            overwrite=True,
-            cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg.seed, combine=spec.combine),
-        )
-        src = run_dir / "curriculum"
-        curriculum.make_stage(
-            scores_dir=sdir,
-            selector=spec.selector,
-            ratio=spec.ratio,
-            seed=cfg.seed,
-            out=src,
-            checkpoint=checkpoint_name,
-            stage=s,
-        )
-    table, manifest = curriculum.read_stage(src or spec.curriculum, s)
-    rows = schema.prompt_columns(table).to_pylist()
-    bank = VCRLBank(cfg.vcrl_bank_size, cfg.vcrl_kappa, cfg.vcrl_max_replay) if cfg.vcrl else None
-    rlve = None
-    if cfg.rlve:
-        levels: dict[str, list[int]] = {}
-        for r in rows:
-            levels.setdefault(r["task"], []).append(int(r["difficulty"]))
-        rlve = RLVEController(
-            levels,
-            tau_acc=cfg.rlve_tau_acc,
-            tau_num=cfg.rlve_tau_num,
-            window=cfg.rlve_window,
-            start={t: min(v) for t, v in levels.items()},
-            max_level={t: max(v) for t, v in levels.items()},
-        )
-    demos = demo_rewards = None
-    if cfg.rl_plus:
-        demos = [demonstration(policy, r) for r in rows]
-        demo_rewards = task_rewards(models.decode_responses(policy, demos), rows)
-    return Stage(
-        s,
-        rows,
-        models.encode_prompts(policy, [r["prompt"] for r in rows]),
-        PromptSampler(len(rows), derive_seed(cfg.seed, "stage", s)),
-        bank,
-        rlve,
-        demos,
-        demo_rewards,
-        manifest,
-    )
-
-
-def draw(stage: Stage, n: int) -> np.ndarray:
-    """The next `n` shard rows, int64 [n]; with RLVE only rows inside their task's window
-    (scanning at most one pass of the shard), topped up in plain order when too few are."""
-    if stage.rlve is None:
-        return stage.sampler.next(n)
-    allowed = stage.rlve.allowed(
-        [r["task"] for r in stage.rows], [r["difficulty"] for r in stage.rows]
-    )
-    picked: list[int] = []
-    for _ in range(len(stage.rows)):
-        if len(picked) == n:
-            break
-        i = int(stage.sampler.next(1)[0])
-        if allowed[i]:
-            picked.append(i)
-    if len(picked) < n:
-        picked += stage.sampler.next(n - len(picked)).tolist()
-    return np.asarray(picked, dtype=np.int64)
-
-
-# ---------------------------------------------------------------------------- one step
-
-
-@dataclass
-class Group:
-    """G sampled responses of one shard row. raw: task rewards; rewards: raw + overlong penalty."""
-
-    row: int
-    responses: list[list[int]]
-    raw: list[float]
-    rewards: list[float]
-    truncated: list[bool]
-
-
-def rollout_groups(
-    policy: models.Policy, stage: Stage, indices, cfg: TrainConfig, gen: torch.Generator
-) -> list[Group]:
-    """Sample G responses for each shard row in `indices` in ONE `models.sample` call and verify them."""
-    g = cfg.group_size
-    flat_ids = [stage.prompt_ids[i] for i in indices for _ in range(g)]
-    flat_rows = [stage.rows[i] for i in indices for _ in range(g)]
-    resp = models.sample(
-        policy,
-        flat_ids,
-        temperature=cfg.temperature,
-        max_new_tokens=cfg.max_new_tokens,
-        generator=gen,
-    )
-    raw = task_rewards(models.decode_responses(policy, resp), flat_rows)
-    shaped = list(raw)
-    if cfg.overlong_penalty:
-        pen = overlong_penalty(
-            torch.tensor([len(r) for r in resp]),
-            cfg.max_new_tokens,
-            cfg.overlong_buffer,
-            cfg.overlong_penalty_factor,
-        )
-        shaped = [a + b for a, b in zip(raw, pen.tolist())]
-    eos = policy.tokenizer.eos_token_id
-    trunc = [models.is_truncated(r, eos) for r in resp]
-    return [
-        Group(
-            int(i),
-            resp[j * g : (j + 1) * g],
-            raw[j * g : (j + 1) * g],
-            shaped[j * g : (j + 1) * g],
-            trunc[j * g : (j + 1) * g],
-        )
-        for j, i in enumerate(indices)
-    ]
-
-
-def passed(groups: list[Group]) -> np.ndarray:
-    """Correctness of each response, float64 [n_groups, G]: 1 where the task reward (before any
-    overlong penalty) is >= schema.PASS_THRESHOLD, else 0."""
-    return np.array([[r >= schema.PASS_THRESHOLD for r in grp.raw] for grp in groups], dtype=np.float64)
-
-
-def collect(policy: models.Policy, stage: Stage, cfg: TrainConfig, gen: torch.Generator):
-    """Generate this step's groups. Returns (groups to train on, every generated group, info).
-
-    Dynamic sampling / VCRL drop groups (all pass or all fail / p < kappa, both on correctness,
-    not on penalty-shaped rewards) and refill at most `max_refill` times; VCRL then tops the
-    batch up with replays from its bank (fresh samples of groups not already in the batch)."""
-    calls: list[list[Group]] = []
-
-    def generate(indices):  # filters see correctness, as DAPO's `acc`: never the penalty-shaped reward
-        calls.append(rollout_groups(policy, stage, indices, cfg, gen))
-        return passed(calls[-1])
-
-    def keep(rewards):
-        ok = np.ones(len(rewards), dtype=bool)
-        if cfg.dynamic_sampling:
-            ok &= has_signal(torch.as_tensor(rewards)).numpy()
-        if cfg.vcrl:
-            ok &= stage.bank.offer([grp.row for grp in calls[-1]], rewards)
-        return ok
-
-    filtered = cfg.dynamic_sampling or cfg.vcrl
-    got = dynamic_sampling(
-        lambda n: draw(stage, n),
-        generate,
-        cfg.batch_prompts,
-        cfg.max_refill if filtered else 0,
-        keep if filtered else None,
-    )
-    kept = [calls[c][r] for c, r in got.source] if filtered else calls[0]
-    replayed = 0
-    if cfg.vcrl and len(kept) < cfg.batch_prompts:
-        present = {grp.row for grp in kept}
-        keys = stage.bank.replay(cfg.batch_prompts - len(kept), exclude=present)
-        if keys:
-            stage.bank.offer(keys, generate(np.asarray(keys, dtype=np.int64)))
-            kept = kept + calls[-1]
-            replayed = len(keys)
-    generated = [grp for call in calls for grp in call]
-    return (
-        kept,
-        generated,
-        {"gen_calls": len(calls), "dropped": got.dropped if filtered else 0, "replayed": replayed},
-    )
-
-
-@dataclass
-class Batch:
-    """Packed training sequences. ids, attn: [N, T] long; mask: [N, T] bool, response tokens
-    in the loss; sampled: [N, T] bool, response tokens of sampled (non-demo) responses;
-    adv: [N] float32; demo: [N] bool or None (RL-PLUS)."""
-
-    ids: torch.Tensor
-    attn: torch.Tensor
-    mask: torch.Tensor
-    sampled: torch.Tensor
-    adv: torch.Tensor
-    demo: torch.Tensor | None
-
-
-def build_batch(
-    policy: models.Policy, stage: Stage, groups: list[Group], cfg: TrainConfig
-) -> Batch:
-    """Advantages per group (+ the RL-PLUS demonstration as one more member) and packed tokens."""
-    prompts, responses, rewards, trunc, demo = [], [], [], [], []
-    for grp in groups:
-        resp, rew, tr, dm = (
-            list(grp.responses),
-            list(grp.rewards),
-            list(grp.truncated),
-            [False] * len(grp.responses),
-        )
-        if cfg.rl_plus:
-            resp.append(stage.demos[grp.row])
-            rew.append(stage.demo_rewards[grp.row])
-            tr.append(False)
-            dm.append(True)
-        prompts += [stage.prompt_ids[grp.row]] * len(resp)
-        responses += resp
-        rewards.append(rew)
-        trunc += tr
-        demo += dm
-    adv = group_advantages(
-        torch.tensor(rewards, dtype=torch.float32), cfg.adv_mean, cfg.adv_std, cfg.adv_eps
-    )
-    ids, attn, rmask = models.pack(prompts, responses, policy.tokenizer.pad_token_id, policy.device)
-    demo_t = torch.tensor(demo, dtype=torch.bool, device=policy.device)
-    mask = (
-        mask_truncated(rmask, torch.tensor(trunc, device=policy.device))
-        if cfg.mask_truncated
-        else rmask
-    )
-    return Batch(
-        ids,
-        attn,
-        mask,
-        rmask & ~demo_t[:, None],
-        adv.flatten().to(policy.device),
-        demo_t if cfg.rl_plus else None,
-    )
-
-
-def loss_total(mask: torch.Tensor, agg: str) -> float:
-    """The whole batch's denominator for `aggregate(total=...)`: tokens (token-mean) or
-    responses with at least one token (seq modes), so micro-batch losses sum to the batch loss."""
-    return float(mask.sum()) if agg == "token-mean" else float((mask.sum(-1) > 0).sum())
-
-
-def _forward_logprobs(model, ids, attn, cfg: TrainConfig, entropy: bool):
-    """One micro-batch's differentiable log-probs [n, t] (and detached entropy [n, t] when
-    ``entropy``, else None) under the run's bf16 / activation-checkpointing settings."""
-    with scale.autocast(cfg.bf16, ids.device), scale.checkpointing(model, cfg.grad_checkpointing):
-        out = models.token_logprobs(model, ids, attn, cfg.temperature, return_entropy=entropy)
-    return out if entropy else (out, None)
-
-
-def update(
-    policy: models.Policy,
-    ref: torch.nn.Module | None,
-    opt: torch.optim.Optimizer,
-    batch: Batch,
-    cfg: TrainConfig,
-) -> dict:
-    """`mu_updates` optimiser steps on one batch (micro-batched; old log-probs from the first
-    pass, detached). Returns loss, clip_frac, kl, entropy, grad_norm, ratio_max, demo_weight_mean."""
-    model = policy.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    n = batch.ids.shape[0]
-    mb = cfg.micro_batch or n
-    chunks = []
-    for s in range(0, n, mb):
-        t = int(batch.attn[s : s + mb].sum(-1).max())  # trim right padding
-        chunks.append((slice(s, s + mb), t))
-    total = loss_total(batch.mask, cfg.loss_agg)
-    ref_lp = None
-    if ref is not None:
-        with torch.no_grad(), scale.autocast(cfg.bf16, batch.ids.device):
-            ref_lp = [
-                models.token_logprobs(ref, batch.ids[c, :t], batch.attn[c, :t], cfg.temperature)
-                for c, t in chunks
-            ]
-    old: list[torch.Tensor] = []
-    acc = {
-        "loss": 0.0,
-        "clip": 0.0,
-        "kl": 0.0,
-        "tok": 0,
-        "tok0": 0,
-        "ent": 0.0,
-        "ent_n": 0.0,
-        "gn": 0.0,
-        "ratio_max": 1.0,
-        "demo_w": 0.0,
-        "demo_n": 0,
-    }
-    for u in range(cfg.mu_updates):
-        opt.zero_grad(set_to_none=True)
-        for j, (c, t) in enumerate(chunks):
-            ids, attn = batch.ids[c, :t], batch.attn[c, :t]
-            lp, ent = _forward_logprobs(model, ids, attn, cfg, entropy=u == 0)
-            if u == 0:
-                old.append(lp.detach())
-                sampled = batch.sampled[c, :t]
-                acc["ent"] += float((ent * sampled).sum())
-                acc["ent_n"] += float(sampled.sum())
-                del ent
-            demo = batch.demo[c] if batch.demo is not None else None
-            weight = None
-            if demo is not None:
-                omega = 0.0 if cfg.rl_plus_omega == "one" else old[j]
-                weight = rl_plus_token_weights(lp, old[j], omega, cfg.rl_plus_gamma)
-            loss, st = policy_loss(
-                lp,
-                old[j],
-                batch.adv[c],
-                batch.mask[c, :t],
-                clip_low=cfg.clip_low,
-                clip_high=cfg.clip_high,
-                ratio_level=cfg.ratio_level,
-                agg=cfg.loss_agg,
-                ref_logp=None if ref_lp is None else ref_lp[j],
-                kl_beta=cfg.kl_beta,
-                token_weight=weight,
-                demo=demo,
-                norm_len=cfg.max_new_tokens,
-                total=total,
-            )
-            loss.backward()
-            n_on = st["n_tokens"] - (
-                int((batch.mask[c, :t] & demo[:, None]).sum()) if demo is not None else 0
-            )
-            acc["loss"] += loss.item()
-            acc["clip"] += st["clip_frac"] * n_on
-            acc["tok"] += n_on
-            acc["ratio_max"] = max(acc["ratio_max"], st["ratio_max"])
-            if u == 0:
-                acc["kl"] += st["kl"] * st["n_tokens"]
-                acc["tok0"] += st["n_tokens"]
-            if demo is not None:
-                n_demo = st["n_tokens"] - n_on
-                acc["demo_w"] += st["demo_weight_mean"] * n_demo
-                acc["demo_n"] += n_demo
-        gn = torch.nn.utils.clip_grad_norm_(
-            params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        )
-        acc["gn"] += float(gn)
-        opt.step()
-    mu = cfg.mu_updates
-    return {
-        "loss": acc["loss"] / mu,
-        "clip_frac": acc["clip"] / max(acc["tok"], 1),
-        "kl": acc["kl"] / max(acc["tok0"], 1) if ref is not None else None,
-        "entropy": acc["ent"] / max(acc["ent_n"], 1.0),
-        "grad_norm": acc["gn"] / mu,
-        "ratio_max": acc["ratio_max"],
-        "demo_weight_mean": acc["demo_w"] / max(acc["demo_n"], 1) if cfg.rl_plus else None,
-    }
-
-
-def train_step(policy: models.Policy, ref, opt, stage: Stage, cfg: TrainConfig, step: int) -> dict:
-    """Global step `step` (1-based): collect, update; returns the metrics row (no wall clock)."""
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "step", step))
-    with scale.autocast(cfg.bf16, policy.device):
-        kept, generated, info = collect(policy, stage, cfg, gen)
-    raw = np.array([grp.raw for grp in generated], dtype=np.float64)
-    shaped = np.array([grp.rewards for grp in generated], dtype=np.float64)
-    if stage.rlve is not None:
-        for grp in generated:
-            r = stage.rows[grp.row]
-            if int(r["difficulty"]) <= stage.rlve.window(r["task"])[1]:
-                for x in grp.raw:
-                    stage.rlve.update(r["task"], int(r["difficulty"]), x >= schema.PASS_THRESHOLD)
-    lr = opt.param_groups[0]["lr"]
-    stats = {
-        "loss": 0.0,
-        "clip_frac": 0.0,
-        "kl": None,
-        "entropy": None,
-        "grad_norm": 0.0,
-        "ratio_max": 1.0,
-        "demo_weight_mean": None,
-    }
-    if kept:
-        stats = update(policy, ref, opt, build_batch(policy, stage, kept, cfg), cfg)
-    lengths = [len(r) for grp in generated for r in grp.responses]
-    row = {
-        "event": "train",
-        "step": step,
-        "stage": stage.index,
-        "reward_mean": float(raw.mean()),
-        "reward_std": float(raw.std()),
-        "zero_var_frac": float(1 - has_signal(torch.as_tensor(raw)).float().mean()),
-        "clip_frac": stats["clip_frac"],
-        "entropy": stats["entropy"],
-        "kl": stats["kl"],
-        "resp_len": float(np.mean(lengths)),
-        "trunc_rate": float(np.mean([t for grp in generated for t in grp.truncated])),
-        "lr": lr,
-        "loss": stats["loss"],
-        "grad_norm": stats["grad_norm"],
-        "ratio_max": stats["ratio_max"],
-        "groups": len(kept),
-        "generated": len(generated),
-        **info,
-        "overlong_penalty": float((shaped - raw).mean()),
-        "demo_weight_mean": stats["demo_weight_mean"],
-    }
-    if stage.rlve is not None:
-        row["rlve_h"] = {t: stage.rlve.window(t)[1] for t in stage.rlve.tasks}
-    return row
-
-
-# ---------------------------------------------------------------------------- the run
-
-
-def _eval(
-    policy: models.Policy, sets: dict, cfg: TrainConfig, step: int, stage: int, run_dir: Path
-) -> dict:
-    """Accuracy on every eval set: greedy, or the mean pass rate of `eval_samples` responses at
-    `eval_temperature`. The sampling seed depends on the set, not the step (common random
-    numbers: successive evals differ by the policy's change, not by sampling noise). Full
-    results go to RUN/eval/step-N.json; returns the metrics row."""
-    t0 = time.time()
-    full = {
-        group: {
-            name: evaluate(
-                policy,
-                rows,
-                n_samples=cfg.eval_samples,
-                temperature=cfg.eval_temperature,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=derive_seed(cfg.seed, "eval", group, name),
-            )
-            for name, rows in named.items()
-        }
-        for group, named in sets.items()
-    }
-    schema.write_json_atomic(
-        {"step": step, "stage": stage, **full}, run_dir / "eval" / f"step-{step}.json"
-    )
-    return {
-        "event": "eval",
-        "step": step,
-        "stage": stage,
-        **{group: {name: r["accuracy"] for name, r in res.items()} for group, res in full.items()},
-        "seconds": round(time.time() - t0, 3),
-    }
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the metrics rows of steps <= last_step (a resumed run rewrites what follows).
-
-    A torn last line (a kill while a row was written) is dropped: rows are written before the
-    checkpoint of their step, so a torn row always belongs to a step after the last checkpoint.
-    An unreadable row anywhere else raises InputError naming the file and line."""
-    if not path.exists():
-        return
-    lines = path.read_text(errors="replace").splitlines()
-    keep = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        step = row.get("step") if isinstance(row, dict) else None
-        if not isinstance(step, int):
-            if i == len(lines) - 1:
-                break
-            raise schema.InputError(path, None, None, f"line {i + 1}: not a metrics row")
-        if step <= last_step:
-            keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
-_TB_NOTICE = []  # the "not installed" notice is printed once per process
-
-
-def _tensorboard(run_dir: Path, purge_step: int):
-    """A SummaryWriter on RUN/tb/, or None (with a one-time notice) without the `tb` extra."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if not _TB_NOTICE and verbosity() > 0:
-            _TB_NOTICE.append(True)
-            print("cropi: TensorBoard is not installed, so no RUN/tb/ events "
-                  "(pip install 'cropi[tb]'); metrics.jsonl and plots/ are written as always",
-                  file=sys.stderr)
-        return None
-    return SummaryWriter(str(run_dir / "tb"), purge_step=purge_step or None)
-
-
-def _tb_row(tb, row: dict) -> None:
-    """Numeric fields of a metrics row as scalars `EVENT/FIELD` (dict fields: `EVENT/FIELD/KEY`)."""
-    for k, v in row.items():
-        if isinstance(v, int | float) and k not in ("step", "event"):
-            tb.add_scalar(f"{row['event']}/{k}", v, row["step"])
-        elif isinstance(v, dict):
-            for name, x in v.items():
-                tb.add_scalar(f"{row['event']}/{k}/{name}", x, row["step"])
-
-
-def _check_stages(spec: RunSpec) -> int:
-    """The number of stages to train (validates the curriculum and the --rescore inputs)."""
-    cfg = spec.train
-    have = curriculum.stage_dirs(spec.curriculum)
-    if spec.rescore:
-        from cropi.select import check_params
-
-        check_params(spec.selector, spec.ratio)
-        if not spec.trajectories:
-            raise schema.InputError(
-                "--rescore", None, "--trajectories", "needs the offline pool to score"
-            )
-        if not spec.targets:
-            raise schema.InputError(
-                "--rescore", None, "--target", "needs at least one target set (trajectories)"
-            )
-        for p in spec.targets:
-            if schema.detect_kind(schema.read_table(p)) != "trajectories":
-                raise schema.InputError(
-                    p,
-                    None,
-                    "responses",
-                    "--rescore scores against target trajectories: "
-                    "roll the target set out first (cropi rollout)",
-                )
-        if cfg.stages == 0:
-            raise schema.InputError(
-                "--rescore", None, "--stages", "give the number of stages to train"
-            )
-        return cfg.stages
-    if not have:
-        raise schema.InputError(
-            spec.curriculum, None, None, "no curriculum stages here (make one with cropi select)"
-        )
-    n = cfg.stages or len(have)
-    missing = [s for s in range(n) if s not in have]
-    if missing:
-        raise schema.InputError(
-            spec.curriculum,
-            None,
-            "stage",
-            f"no stage {missing[0]} for --stages {n} (stages here: {', '.join(map(str, have))}); "
-            f"pass --rescore to create stages as training goes",
-        )
-    return n
-
-
 def train(
     run_dir,
     spec: RunSpec,
@@ -840,7 +236,7 @@ def train(
     run_dir = Path(run_dir)
     device = default_device(device)
     cfg = spec.train
-    n_stages = _check_stages(spec)
+    n_stages = check_stages(spec)
     spec = dataclasses.replace(spec, train=dataclasses.replace(cfg, stages=n_stages))
     cfg = spec.train
     total = n_stages * cfg.steps_per_stage
@@ -882,7 +278,7 @@ def train(
         step, seen, stage_state = int(state["step"]), int(state["prompts_seen"]), state["stage"]
     else:
         ckpt.seed_rngs(derive_seed(cfg.seed, "global-rngs"))
-    _truncate_metrics(metrics_path, step if latest is not None else -1)
+    truncate_metrics(metrics_path, step if latest is not None else -1)
     sets = {
         "target": dict(zip(set_names(spec.targets), map(load_set, spec.targets))),
         "heldout": dict(zip(set_names(spec.heldout), map(load_set, spec.heldout))),
@@ -911,7 +307,7 @@ def train(
         }
         return ckpt.save(run_dir, step, policy, state_dict(), info)
 
-    tb = _tensorboard(run_dir, step)
+    tb = tensorboard(run_dir, step)
     flag = StopFlag()
     stopped, last_ckpt, last_eval = None, latest, None
     steps_done, t_start = 0, time.time()
@@ -923,10 +319,10 @@ def train(
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
                 if tb is not None:
-                    _tb_row(tb, row)
+                    tb_row(tb, row)
 
             if step == 0 and has_eval:
-                last_eval = _eval(policy, sets, cfg, 0, 0, run_dir)
+                last_eval = eval_now(policy, sets, cfg, 0, 0, run_dir)
                 log(last_eval)
             while step < total:
                 if max_steps is not None and step >= max_steps:
@@ -951,7 +347,7 @@ def train(
                 row["seconds"] = round(time.time() - t0, 3)
                 log(row)
                 if has_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                    last_eval = _eval(policy, sets, cfg, step, s, run_dir)
+                    last_eval = eval_now(policy, sets, cfg, step, s, run_dir)
                     log(last_eval)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", seen=seen)

@@ -1,6 +1,6 @@
 """What lets the trainer fit real models: bf16 autocast, activation checkpointing, LoRA adapters.
 
-Micro-batching itself lives in the update loop (`loop.update`); the vocabulary projection of
+Micro-batching itself lives in the update loop (`step.update`); the vocabulary projection of
 each micro-batch runs in chunks (`models.token_logprobs`). Here: the three switches.
 
 - bf16: forward passes of a training step (generation and the update's log-prob passes) run
