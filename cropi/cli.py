@@ -414,10 +414,15 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (settings must match).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @click.option("--out", type=OutPath(folder=True), required=True)
+@input_options
 def score(trajectories, targets, model, behavior_model, projector, k, density, sjlt_s, dist, seed, params, aggregation,
           adv_std, ratio_clip, combine, max_target, shard_size, batch, micro_batch, feature_dtype, check_rank, check_influence,
-          influence_eps, influence_lr, compute_dtype, adapter, grad_checkpointing, grad_path, device, resume, overwrite, out):
-    """Per-prompt off-policy policy gradients -> projection -> cosine with target gradients."""
+          influence_eps, influence_lr, compute_dtype, adapter, grad_checkpointing, grad_path, device, resume, overwrite, out,
+          data_split, **kw):
+    """Per-prompt off-policy policy gradients -> projection -> cosine with target gradients.
+
+    --prompt-column/--answer-column/--id-column and --split say how the pool (--trajectories) is
+    read; target sets are cropi trajectories (`cropi rollout` output, which takes the same options)."""
     from cropi import score as S
     from cropi.distributed import default_device, dist_context
     from cropi.policy_grad import GradConfig
@@ -431,7 +436,8 @@ def score(trajectories, targets, model, behavior_model, projector, k, density, s
                         grad=GradConfig(aggregation=aggregation, adv_std=adv_std, ratio_clip=ratio_clip, params=params))
     with dist_context() as (rank, world):
         meta = S.score(trajectories, list(targets), out, model=model, behavior_model=behavior_model, cfg=cfg,
-                       resume=resume, overwrite=overwrite, device=default_device(device), rank=rank, world=world)
+                       resume=resume, overwrite=overwrite, device=default_device(device), rank=rank, world=world,
+                       columns=_columns(kw), split=data_split)
     if rank == 0:
         click.echo(f"wrote {out}/scores.parquet: {meta['pool_size']} prompts {meta['status']}, "
                    f"{meta['prompts_per_s']} prompts/s")

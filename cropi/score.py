@@ -267,9 +267,11 @@ def _subsample(table: pa.Table, n: int | None, seed: int) -> pa.Table:
 
 def score(trajectories, targets: list, out, *, model: str = models.TINY, behavior_model: str | None = None,
           cfg: ScoreConfig | None = None, resume: bool = False, overwrite: bool = False, device: str = "cpu",
-          rank: int = 0, world: int = 1, policy: models.Policy | None = None) -> dict:
+          rank: int = 0, world: int = 1, policy: models.Policy | None = None, columns: dict | None = None,
+          split: str | None = None) -> dict:
     """Score every prompt of ``trajectories`` against the ``targets`` (trajectories files).
-    Returns the run's meta (also written to OUT/meta.json)."""
+    ``columns`` maps the user's column names of the pool and ``split`` picks its split of a
+    DatasetDict folder (`schema.read_table`); target sets are read with cropi's names. Returns the run's meta (also written to OUT/meta.json)."""
     cfg = cfg or ScoreConfig()
     t0 = time.time()
     out = Path(out)
@@ -285,7 +287,7 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     if (out / "meta.json").exists() and not resume:
         raise schema.InputError(out, None, None, "scores already exist here; pass --resume to continue or --overwrite to replace")
     traj_path = Path(trajectories)
-    table = schema.read_table(traj_path, "trajectories")
+    table = schema.read_table(traj_path, "trajectories", columns=columns, split=split)
     target_tables = []
     for p in targets:
         t = schema.read_table(p)

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -175,3 +177,27 @@ def test_run_config_data_columns_read_the_users_pool(tmp_path, monkeypatch):
     out = cropi_loop.prepare_data(cfg, tmp_path / "root")
     pool = schema.read_table(out["pool"], "prompts")
     assert pool.column("id").to_pylist() == ["q0", "q1", "q2"] and pool.column("answer").to_pylist() == ["0", "2", "4"]
+
+
+def test_score_reads_mapped_columns_like_cropi_names(tmp_path):
+    """`cropi score --prompt-column/--answer-column` on a renamed copy of the public-format pool
+    gives the same scores as the original file."""
+    from click.testing import CliRunner
+
+    from cropi.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    rows = [json.loads(line) for line in (root / "cropi_rollouts.jsonl").read_text().splitlines() if line.strip()]
+    renamed = [{("question" if k == "prompt" else "solution" if k == "answer" else k): v for k, v in r.items()}
+               for r in rows]
+    _jsonl(tmp_path / "mine.jsonl", renamed)
+    common = ["score", "--target", str(root / "target.traj.parquet"), "--k", "64", "--shard-size", "16"]
+    a = CliRunner().invoke(main, [*common, "--trajectories", str(root / "cropi_rollouts.jsonl"), "--out", str(tmp_path / "a")])
+    b = CliRunner().invoke(main, [*common, "--trajectories", str(tmp_path / "mine.jsonl"), "--prompt-column", "question",
+                                  "--answer-column", "solution", "--out", str(tmp_path / "b")])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    sa, sb = (schema.read_table(tmp_path / x / "scores.parquet") for x in "ab")
+    assert sa.column("id").to_pylist() == sb.column("id").to_pylist()
+    np.testing.assert_array_equal(sa.column("score").to_numpy(), sb.column("score").to_numpy())  # NaN: zero_signal
+    c = CliRunner().invoke(main, [*common, "--trajectories", str(tmp_path / "mine.jsonl"), "--out", str(tmp_path / "c")])
+    assert c.exit_code == 2 and "--prompt-column" in c.output
