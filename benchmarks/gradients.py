@@ -63,6 +63,7 @@ def bench_width(scale: int, args) -> None:
         GradConfig,
         _unit_objective,
         build_units,
+        logits_window,
         param_dim,
         prompt_gradients,
         select_params,
@@ -91,7 +92,8 @@ def bench_width(scale: int, args) -> None:
     def objective(u):  # J summed over every response of the units u, one plain forward
         _, m, t = u.input_ids.shape
         flat = [x.reshape(-1, t) for x in (u.input_ids, u.attention_mask, u.response_mask, u.weight, u.behavior_logp)]
-        return _unit_objective(model, params, dict(model.named_buffers()), *flat, cfg.temperature, cfg.ratio_clip)
+        return _unit_objective(model, params, dict(model.named_buffers()), *flat, cfg.temperature, cfg.ratio_clip,
+                               logits_window(model, flat[2]))
 
     def plain():  # (a) one training forward+backward of J over the whole batch
         model.zero_grad(set_to_none=True)

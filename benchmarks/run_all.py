@@ -289,8 +289,9 @@ def render(records: list[dict]) -> str:
                             r["prompts_per_cpu_s"], f"{r['vs_plain']:.2f}x", f"{r['loop_speedup']:.2f}x"] for r in rcost]), ""]
         rss = [r for r in real if r.get("kind") == "peak_rss"]
         if rss:
-            md += [_table(["pool", "peak RSS MiB", "wall s", "path"],
-                          [[r["pool"], r["peak_rss_mib"], r["wall_s"], r["grad_path"]] for r in rss]), ""]
+            md += [_table(["pool", "batch", "micro-batch", "peak RSS MiB", "CPU s", "path"],
+                          [[r["pool"], r["batch"], r["micro_batch"], r["peak_rss_mib"], r.get("cpu_s", "–"), r["grad_path"]]
+                           for r in rss]), ""]
         for r in (r for r in real if r.get("kind") == "check_rank"):
             md += [f"check-rank on {r['n']} prompts (sjlt, k = {r['k']}): precision@10 % {r['precision_at_10pct']:.3f}, "
                    f"Spearman {r['spearman']:.3f}.", ""]

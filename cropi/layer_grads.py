@@ -38,11 +38,19 @@ from cropi.policy_grad import (
     _unit_objective,
     build_units,
     fill_on_policy,
+    logits_window,
     unit_gradients,
 )
 from cropi.projection import Accumulator, Projector
 
 _BLOCK_ENTRIES = 1 << 25  # per-prompt block floats formed at once (128 MiB); at least one prompt's
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i‖² of the rows of x [B, ...] as float64 [B] (cpu): float32 products, summed in cascade
+    (relative error ~1e-7, without a float64 copy of x)."""
+    x = x.reshape(x.shape[0], -1)
+    return torch.linalg.vecdot(x, x).double().cpu()
 
 
 def _plain_embedding(m) -> bool:
@@ -138,12 +146,13 @@ class LayerGrads:
         return units
 
     def _objective(self, units, lo=0, hi=None):
-        """J over sequences lo..hi of one-response units (flat [N, T] batch)."""
+        """J over sequences lo..hi of one-response units (flat [N, T] batch); logits only where J
+        needs them (``logits_window``)."""
         dev = self.policy.device
         flat = [x[lo:hi, 0].to(dev) for x in (units.input_ids, units.attention_mask, units.response_mask,
                                                 units.weight, units.behavior_logp)]
         return _unit_objective(self.model, dict(self.model.named_parameters()), dict(self.model.named_buffers()),
-                               *flat, self.cfg.temperature, self.cfg.ratio_clip)
+                               *flat, self.cfg.temperature, self.cfg.ratio_clip, logits_window(self.model, flat[2]))
 
     def _backward_into_grad(self, units) -> dict[str, torch.Tensor]:
         """Plain backward of J summed over every sequence of ``units``, ``micro_batch`` sequences at a
@@ -167,7 +176,7 @@ class LayerGrads:
         for n, p in self._backward_into_grad(self._units(prompt_ids, responses, weights, behavior_logp)).items():
             g = torch.zeros(1, p.numel(), device=p.device) if p.grad is None else p.grad.reshape(1, -1).float()
             p.grad = None
-            sq += (g.double() ** 2).sum()
+            sq += _sq_norms(g).sum()
             acc.add(g, self.params[n].offset)
         return acc.result(), sq
 
@@ -177,6 +186,7 @@ class LayerGrads:
         self.owner = units.owner.to(self.policy.device)  # [N] prompt of each sequence
         self.mask = units.attention_mask[:, 0].to(self.policy.device).bool()  # [N, T] real tokens
         self.n_prompts = len(prompt_ids)
+        self.token_index: dict[int, list[torch.Tensor]] = {}
         self.acc = Accumulator(self.projector, self.n_prompts)
         self.sq = torch.zeros(self.n_prompts, dtype=torch.float64)
         self.leftover: set[str] = set()
@@ -199,7 +209,7 @@ class LayerGrads:
         if left:
             self._vmap_fallback(units, left)
         acc, sq = self.acc, self.sq
-        self.acc = self.sq = self.owner = self.mask = None
+        self.acc = self.sq = self.owner = self.mask = self.token_index = None
         for p in self.params.values():
             p.reset()
         return acc.result(), sq
@@ -214,7 +224,7 @@ class LayerGrads:
         for n in names:
             g = grads.pop(n).reshape(units.input_ids.shape[0], -1).float()
             g = torch.zeros(self.n_prompts, g.shape[1], device=g.device).index_add_(0, self.owner, g)
-            self.sq += (g.double() ** 2).sum(1).cpu()
+            self.sq += _sq_norms(g)
             self.acc.add(g, self.params[n].offset)
 
     # ------------------------------------------------------------------ hooks
@@ -259,10 +269,21 @@ class LayerGrads:
         return hook
 
     def _prompt_tokens(self, t: torch.Tensor) -> list:
-        """t [N, T, ...] -> per prompt a callable giving its sequences' real tokens [n_p, ...] (copied
-        on demand, so the output-gradient of a large module is not copied for every prompt at once)."""
-        mask = self.mask if t.shape[:2] == self.mask.shape else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
-        return [lambda p=p: t[(self.owner == p)[:, None] & mask] for p in range(self.n_prompts)]
+        """t [N, T', ...] -> per prompt a callable giving its sequences' real tokens [n_p, ...] (copied
+        on demand, so the output-gradient of a large module is not copied for every prompt at once).
+        T' < T is a window of the last T' positions (an lm_head under ``logits_to_keep``)."""
+        flat = t.reshape(-1, *t.shape[2:])
+        return [lambda i=i: flat.index_select(0, i) for i in self._token_index(t.shape[1])]
+
+    def _token_index(self, width: int) -> list[torch.Tensor]:
+        """Per prompt the flat positions (row · width + column) of its real tokens in the last
+        ``width`` positions of the [N, T] batch; computed once per width and micro-batch."""
+        if width not in self.token_index:
+            N, T = self.mask.shape
+            mask = self.mask[:, T - width:] if width <= T else torch.ones(N, width, dtype=torch.bool, device=self.mask.device)
+            pos = torch.arange(N * width, device=mask.device).view(N, width)
+            self.token_index[width] = [pos[self.owner == p][mask[self.owner == p]] for p in range(self.n_prompts)]
+        return self.token_index[width]
 
     def _backward(self, mname: str, x: torch.Tensor, delta: torch.Tensor) -> None:
         module = self.modules[mname]
@@ -284,8 +305,13 @@ class LayerGrads:
         (its per-prompt blocks of a large weight, e.g. an lm_head, are never all held at once)."""
         xs, ds = self._prompt_tokens(x), self._prompt_tokens(delta)
 
+        rows, cols = delta.shape[-1], x.shape[-1]
+
         def block(js):
-            return torch.stack([ds[j]().float().T @ xs[j]().float() for j in js]).reshape(len(js), -1)
+            out = torch.empty(len(js), rows, cols, device=x.device)
+            for i, j in enumerate(js):
+                torch.mm(ds[j]().float().T, xs[j]().float(), out=out[i])
+            return out.view(len(js), -1)
 
         if p.calls_dense > 1:  # several users: their sum is needed for the norm
             self._add_dense(p, block(range(self.n_prompts)))
@@ -340,7 +366,7 @@ class LayerGrads:
     def _finish_dense(self, p: _Param, block: torch.Tensor, at: list[int]):
         """Project and take the norm of the summed dense block of prompts ``at``; keep its values on
         the rows the embedding users touch (for the cross term of the norm)."""
-        self.sq[at] += (block.double() ** 2).sum(1).cpu()
+        self.sq[at] += _sq_norms(block)
         self.acc.add(block, p.offset, at)
         if p.calls_rows:
             kept = block.view(len(at), -1, p.cols)[:, p.rows]
@@ -354,9 +380,9 @@ class LayerGrads:
             return
         v = p.rows_vals
         if p.kept is not None:
-            self.sq += ((p.kept + v).double() ** 2).sum((1, 2)).cpu() - (p.kept.double() ** 2).sum((1, 2)).cpu()
+            self.sq += _sq_norms(p.kept + v) - _sq_norms(p.kept)
         else:
-            self.sq += (v.double() ** 2).sum((1, 2)).cpu()
+            self.sq += _sq_norms(v)
         self.acc.add_rows(v, p.offset, p.rows, p.cols, p.numel)
         p.rows_vals = p.kept = None
 

@@ -498,9 +498,17 @@ def _step_kwargs(model) -> dict:
     except TypeError:  # transformers < 4.56 builds its layers lazily
         cache = DynamicCache()
     out = {"cache" if "cache" in params else "past_key_values": cache}
-    if "logits_to_keep" in params:
+    if takes_logits_to_keep(model):
         out["logits_to_keep"] = 1
     return out
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward (through PEFT) computes logits for only the last positions."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

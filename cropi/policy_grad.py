@@ -187,12 +187,30 @@ def build_units(prompt_ids: list[list[int]], responses: list[list[list[int]]], w
     return Units(ids, attn, rmask, w, blp, owner)
 
 
-def _unit_objective(model, params: dict, buffers: dict, ids, attn, rmask, weight, blp, temperature, ratio_clip):
-    """J of one unit: Σ_{m,t} w ρ (as Σ w·sg[ρ]·log π, whose gradient is the same). Scalar."""
-    out = functional_call(model, (params, buffers), (ids,), {"attention_mask": attn, "use_cache": False})
-    logits = out.logits[:, :-1].float() / temperature
-    lp = torch.gather(logits, -1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    lp = torch.nn.functional.pad(lp, (1, 0))
+def logits_window(model, rmask: torch.Tensor) -> int | None:
+    """How many final positions of a [..., T] batch need logits: from the one before the earliest
+    response token to the end (logits of prompt positions are not part of J). None = all, for a
+    model whose forward takes no ``logits_to_keep``."""
+    if not models.takes_logits_to_keep(model) or not rmask.any():
+        return None
+    first = int(rmask.reshape(-1, rmask.shape[-1]).any(0).nonzero()[0])
+    return rmask.shape[-1] - first + 1
+
+
+def _unit_objective(model, params: dict, buffers: dict, ids, attn, rmask, weight, blp, temperature, ratio_clip,
+                    keep: int | None = None):
+    """J of one unit: Σ_{m,t} w ρ (as Σ w·sg[ρ]·log π, whose gradient is the same). Scalar.
+    ``keep`` (:func:`logits_window`): logits for the last ``keep`` positions only; None = all."""
+    kwargs = {"attention_mask": attn, "use_cache": False}
+    if keep is not None:
+        kwargs["logits_to_keep"] = keep
+    out = functional_call(model, (params, buffers), (ids,), kwargs)
+    logits = out.logits[:, :-1].float()
+    if temperature != 1.0:  # no copy of the [N, T, V] logits at T = 1
+        logits = logits / temperature
+    s = ids.shape[-1] - logits.shape[-2]  # first predicted position: logits[:, j] predicts ids[:, s + j]
+    ids, rmask, weight, blp = ids[:, s:], rmask[:, s:], weight[:, s:], blp[:, s:]
+    lp = torch.gather(logits, -1, ids[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
     log_ratio = torch.where(rmask, lp.detach() - torch.nan_to_num(blp), torch.zeros_like(lp))
     ratio = torch.exp(log_ratio)
     if ratio_clip is not None:
@@ -228,8 +246,10 @@ def unit_gradients(policy: models.Policy, units: Units, names: list[str], cfg: G
     ids, attn = units.input_ids.to(dev), units.attention_mask.to(dev)
     rmask, w, blp = units.response_mask.to(dev), units.weight.to(dev), units.behavior_logp.to(dev)
 
+    keep = logits_window(model, units.response_mask)
+
     def f(p, i, a, r, ww, b):
-        return _unit_objective(model, p, buffers, i, a, r, ww, b, cfg.temperature, cfg.ratio_clip)
+        return _unit_objective(model, p, buffers, i, a, r, ww, b, cfg.temperature, cfg.ratio_clip, keep)
 
     was_training = model.training
     model.eval()

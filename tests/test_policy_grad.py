@@ -157,3 +157,40 @@ def test_selected_params_gradient_is_the_sub_vector(policy):
         o += params[n].numel()
     expect = torch.cat([full[:, offs[n][0] : offs[n][1]] for n in sub], 1)
     assert rel_err(part, expect) < 1e-5
+
+
+def test_logits_window_by_hand(policy):
+    """Logits are needed from one position before the earliest response token to the end."""
+    from cropi.policy_grad import logits_window
+
+    rmask = torch.zeros(2, 1, 9, dtype=torch.bool)
+    rmask[0, 0, 5:8] = True  # first response token at 5
+    rmask[1, 0, 3:9] = True  # at 3: the earliest
+    assert logits_window(policy.model, rmask) == 9 - 3 + 1
+    assert logits_window(policy.model, torch.zeros(2, 9, dtype=torch.bool)) is None
+
+
+def test_logits_window_leaves_objective_and_gradient_unchanged(policy):
+    """J over the window equals J over full logits, value and gradient (float32 tolerance)."""
+    from cropi.policy_grad import _unit_objective, build_units, logits_window
+
+    cfg = GradConfig()
+    batch = make_prompts(3, 4, seed=5)
+    weights = [token_weights(rw, [len(r) for r in rs], cfg) for _, rs, rw, _ in batch]
+    units = build_units([b[0] for b in batch], [b[1] for b in batch], weights, [b[3] for b in batch],
+                        policy.tokenizer.pad_token_id, 1)
+    flat = [x[:, 0] for x in (units.input_ids, units.attention_mask, units.response_mask, units.weight,
+                              units.behavior_logp)]
+    keep = logits_window(policy.model, flat[2])
+    assert keep is not None and keep < flat[0].shape[1]  # prompts are not all empty: a real window
+    model = policy.model
+    params = dict(model.named_parameters())
+    out = []
+    for k in (None, keep):
+        model.zero_grad(set_to_none=True)
+        J = _unit_objective(model, params, dict(model.named_buffers()), *flat, 1.0, None, k)
+        J.backward()
+        out.append((J.detach(), torch.cat([p.grad.flatten() for p in params.values() if p.grad is not None])))
+    model.zero_grad(set_to_none=True)
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-7)
+    assert rel_err(out[1][1], out[0][1]) < 1e-5
