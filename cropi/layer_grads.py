@@ -39,18 +39,12 @@ from cropi.policy_grad import (
     build_units,
     fill_on_policy,
     logits_window,
+    sq_norms,
     unit_gradients,
 )
 from cropi.projection import Accumulator, Projector
 
 _BLOCK_ENTRIES = 1 << 25  # per-prompt block floats formed at once (128 MiB); at least one prompt's
-
-
-def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """‖x_i‖² of the rows of x [B, ...] as float64 [B] (cpu): float32 products, summed in cascade
-    (relative error ~1e-7, without a float64 copy of x)."""
-    x = x.reshape(x.shape[0], -1)
-    return torch.linalg.vecdot(x, x).double().cpu()
 
 
 def _plain_embedding(m) -> bool:
@@ -88,6 +82,7 @@ class LayerGrads:
         self.policy, self.cfg, self.projector = policy, cfg, projector
         self.micro_batch, self.checkpointing = micro_batch, checkpointing
         self.recomputing = False
+        self.window = None  # the logits window of the objective being run (``_objective``)
         self.model = policy.model
         params = dict(self.model.named_parameters())
         self.names = list(names)
@@ -151,8 +146,9 @@ class LayerGrads:
         dev = self.policy.device
         flat = [x[lo:hi, 0].to(dev) for x in (units.input_ids, units.attention_mask, units.response_mask,
                                                 units.weight, units.behavior_logp)]
+        self.window = logits_window(self.model, flat[2])  # kept for the hooks: the lm_head sees these positions
         return _unit_objective(self.model, dict(self.model.named_parameters()), dict(self.model.named_buffers()),
-                               *flat, self.cfg.temperature, self.cfg.ratio_clip, logits_window(self.model, flat[2]))
+                               *flat, self.cfg.temperature, self.cfg.ratio_clip, self.window)
 
     def _backward_into_grad(self, units) -> dict[str, torch.Tensor]:
         """Plain backward of J summed over every sequence of ``units``, ``micro_batch`` sequences at a
@@ -176,7 +172,7 @@ class LayerGrads:
         for n, p in self._backward_into_grad(self._units(prompt_ids, responses, weights, behavior_logp)).items():
             g = torch.zeros(1, p.numel(), device=p.device) if p.grad is None else p.grad.reshape(1, -1).float()
             p.grad = None
-            sq += _sq_norms(g).sum()
+            sq += sq_norms(g).sum()
             acc.add(g, self.params[n].offset)
         return acc.result(), sq
 
@@ -224,7 +220,7 @@ class LayerGrads:
         for n in names:
             g = grads.pop(n).reshape(units.input_ids.shape[0], -1).float()
             g = torch.zeros(self.n_prompts, g.shape[1], device=g.device).index_add_(0, self.owner, g)
-            self.sq += _sq_norms(g)
+            self.sq += sq_norms(g)
             self.acc.add(g, self.params[n].offset)
 
     # ------------------------------------------------------------------ hooks
@@ -271,18 +267,26 @@ class LayerGrads:
     def _prompt_tokens(self, t: torch.Tensor) -> list:
         """t [N, T', ...] -> per prompt a callable giving its sequences' real tokens [n_p, ...] (copied
         on demand, so the output-gradient of a large module is not copied for every prompt at once).
-        T' < T is a window of the last T' positions (an lm_head under ``logits_to_keep``)."""
+        T' = the logits window is its last T' positions (an lm_head under ``logits_to_keep``)."""
         flat = t.reshape(-1, *t.shape[2:])
         return [lambda i=i: flat.index_select(0, i) for i in self._token_index(t.shape[1])]
 
     def _token_index(self, width: int) -> list[torch.Tensor]:
-        """Per prompt the flat positions (row · width + column) of its real tokens in the last
-        ``width`` positions of the [N, T] batch; computed once per width and micro-batch."""
+        """Per prompt the flat positions (row · width + column) of its tokens in a [N, width]
+        layout: the real tokens when width is the batch's T or its logits window (its last
+        positions), every position otherwise. Computed once per width and micro-batch."""
         if width not in self.token_index:
             N, T = self.mask.shape
-            mask = self.mask[:, T - width:] if width <= T else torch.ones(N, width, dtype=torch.bool, device=self.mask.device)
+            if width in (T, self.window):
+                mask = self.mask[:, T - width:]
+            else:
+                mask = torch.ones(N, width, dtype=torch.bool, device=self.mask.device)
             pos = torch.arange(N * width, device=mask.device).view(N, width)
-            self.token_index[width] = [pos[self.owner == p][mask[self.owner == p]] for p in range(self.n_prompts)]
+            index = []
+            for p in range(self.n_prompts):
+                mine = self.owner == p
+                index.append(pos[mine][mask[mine]])
+            self.token_index[width] = index
         return self.token_index[width]
 
     def _backward(self, mname: str, x: torch.Tensor, delta: torch.Tensor) -> None:
@@ -304,7 +308,6 @@ class LayerGrads:
         """Σ_t δ_t a_tᵀ per prompt. A weight with one user is finished a few prompts at a time
         (its per-prompt blocks of a large weight, e.g. an lm_head, are never all held at once)."""
         xs, ds = self._prompt_tokens(x), self._prompt_tokens(delta)
-
         rows, cols = delta.shape[-1], x.shape[-1]
 
         def block(js):
@@ -366,7 +369,7 @@ class LayerGrads:
     def _finish_dense(self, p: _Param, block: torch.Tensor, at: list[int]):
         """Project and take the norm of the summed dense block of prompts ``at``; keep its values on
         the rows the embedding users touch (for the cross term of the norm)."""
-        self.sq[at] += _sq_norms(block)
+        self.sq[at] += sq_norms(block)
         self.acc.add(block, p.offset, at)
         if p.calls_rows:
             kept = block.view(len(at), -1, p.cols)[:, p.rows]
@@ -380,9 +383,9 @@ class LayerGrads:
             return
         v = p.rows_vals
         if p.kept is not None:
-            self.sq += _sq_norms(p.kept + v) - _sq_norms(p.kept)
+            self.sq += sq_norms(p.kept + v) - sq_norms(p.kept)
         else:
-            self.sq += _sq_norms(v)
+            self.sq += sq_norms(v)
         self.acc.add_rows(v, p.offset, p.rows, p.cols, p.numel)
         p.rows_vals = p.kept = None
 

@@ -487,28 +487,30 @@ def _step_kwargs(model) -> dict:
     transformers version's ``forward`` takes (``cache`` since 5.x, ``past_key_values`` before; the
     cache is filled in place), and ``logits_to_keep=1`` where supported (no [n, P, V] logits for
     the prompt)."""
-    import inspect
-
     from transformers import DynamicCache
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through PEFT
-    params = inspect.signature(base.forward).parameters
+    params = _forward_params(model)
     try:
         cache = DynamicCache(config=model.config)
     except TypeError:  # transformers < 4.56 builds its layers lazily
         cache = DynamicCache()
     out = {"cache" if "cache" in params else "past_key_values": cache}
-    if takes_logits_to_keep(model):
+    if "logits_to_keep" in params:
         out["logits_to_keep"] = 1
     return out
 
 
-def takes_logits_to_keep(model) -> bool:
-    """Whether the model's forward (through PEFT) computes logits for only the last positions."""
+def _forward_params(model):
+    """The keyword parameters of the model's ``forward`` (looked through a PEFT wrapper)."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return inspect.signature(base.forward).parameters
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward computes logits for only the last positions on request."""
+    return "logits_to_keep" in _forward_params(model)
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -428,22 +428,26 @@ def exact_gradients(policy, prep: Prepared, rows: list[int], names, cfg: ScoreCo
     return out
 
 
+def target_mean_gradient(policy, tp: Prepared, names, cfg: ScoreConfig, pool_std) -> torch.Tensor:
+    """ḡ_V: the exact mean gradient [d] float32 (cpu) over the target set's prompts with a learning
+    signal, by plain backward of their summed objective, ``cfg.batch`` prompts at a time."""
+    t_ok = [i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])]
+    g = torch.zeros(param_dim(policy.model, names))
+    for s in range(0, len(t_ok), cfg.batch):
+        b = t_ok[s : s + cfg.batch]
+        w = [token_weights(tp.rewards[i], [len(r) for r in tp.responses[i]], cfg.grad, pool_std) for i in b]
+        g += layer_grads.summed_gradient(policy, [tp.prompt_ids[i] for i in b], [tp.responses[i] for i in b], w,
+                                         [tp.behavior_logp[i] for i in b], names, cfg.grad, cfg.micro_batch,
+                                         cfg.grad_checkpointing)
+    return g / max(len(t_ok), 1)
+
+
 def exact_scores(policy, prep: Prepared, rows: list[int], target_preps: list[Prepared], names, cfg: ScoreConfig,
                  pool_std) -> np.ndarray:
     """Exact cos(g_x, ḡ_V) [len(rows), n_targets] float64: each target's mean gradient ḡ_V by plain
     backward (a d-vector per target), then each pool gradient's inner products with them from the
     per-layer path, never a flat per-prompt gradient."""
-    means = []
-    for tp in target_preps:
-        t_ok = [i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])]
-        g = torch.zeros(param_dim(policy.model, names))
-        for s in range(0, len(t_ok), cfg.batch):
-            b = t_ok[s : s + cfg.batch]
-            w = [token_weights(tp.rewards[i], [len(r) for r in tp.responses[i]], cfg.grad, pool_std) for i in b]
-            g += layer_grads.summed_gradient(policy, [tp.prompt_ids[i] for i in b], [tp.responses[i] for i in b], w,
-                                             [tp.behavior_logp[i] for i in b], names, cfg.grad, cfg.micro_batch,
-                                             cfg.grad_checkpointing)
-        means.append(g / max(len(t_ok), 1))
+    means = [target_mean_gradient(policy, tp, names, cfg, pool_std) for tp in target_preps]
     inner = Inner(torch.stack(means).to(policy.device))
     tnorm = torch.stack(means).double().norm(dim=1)
     out = np.zeros((len(rows), len(means)))
@@ -496,12 +500,7 @@ def check_influence(policy, prep: Prepared, target_preps: list[Prepared], scores
     exact = exact_gradients(policy, prep, rows, names, cfg, pool_std).astype(np.float64)  # [N, d]
     t_rows = [[i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])] for tp in target_preps]
     target_preps = [_behavior_filled(policy, tp, cfg.grad.temperature) for tp in target_preps]  # β fixed at θ
-    target_grads = []
-    for tp, t_ok in zip(target_preps, t_rows):
-        g = np.zeros(exact.shape[1])
-        for s in range(0, len(t_ok), 64):
-            g += exact_gradients(policy, tp, t_ok[s : s + 64], names, cfg, pool_std).astype(np.float64).sum(0)
-        target_grads.append(g / max(len(t_ok), 1))
+    target_grads = [target_mean_gradient(policy, tp, names, cfg, pool_std).double().numpy() for tp in target_preps]
 
     def objectives() -> np.ndarray:  # [V] J_V at the current parameters
         return np.array([_objective(policy, tp, t_ok, cfg, pool_std) for tp, t_ok in zip(target_preps, t_rows)])
