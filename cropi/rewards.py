@@ -7,7 +7,8 @@ everywhere.
 1. :func:`extract_answer` finds the final answer in the response: the last of ``\\boxed{...}``
    (nested braces), a ``#### x`` line, or ``Answer: x`` (the rest of that line, or the next
    non-empty line when it is empty), whichever comes last; without any of them, the last number
-   in the text.
+   in the text (commas only as thousands separators in groups of three: ``1,234`` is 1234, while
+   ``1,2,3`` and ``(2,3)`` end with the number 3).
 2. The verifier compares it with the gold answer:
    - ``math`` (tasks named ``math``, tasks reasoning-gym does not know, or ``verifier="math"``):
      equal words (``No`` = ``no``), else math-verify, with the gold answer parsed as the LaTeX
@@ -31,7 +32,11 @@ VERIFIERS = ("auto", "math")  # auto: the task's reasoning-gym scorer, math-veri
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASHES = re.compile(r"^[ \t]*####[ \t]*(.*)$", re.MULTILINE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?!\d|,\d)(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# What a task scorer raises when it cannot read a malformed answer (int("x"), a float overflow, an
+# unparsable expression, deep nesting): such an answer is wrong, reward 0. Any other exception
+# (a missing metadata key, a bug in cropi) propagates.
+SCORER_ANSWER_ERRORS = (ValueError, TypeError, ArithmeticError, SyntaxError, RecursionError)
 _WORDS = re.compile(r"[A-Za-z]+(?:[ \-'][A-Za-z]+)*")
 # C(a, b) for a binomial coefficient: math-verify reads C as an unknown function, so both sides
 # are rewritten to \binom{a}{b} first (arguments without parentheses or commas only).
@@ -150,18 +155,20 @@ def reward(response: str, answer: str, task: str, metadata: str | dict | None = 
     """Reward in [0, 1] of one response to a prompt with gold ``answer`` (module docstring).
 
     0.0 when no answer can be extracted. ``metadata`` (JSON str or dict) is what the task's
-    reasoning-gym scorer needs besides the answer. Never raises on model output."""
+    reasoning-gym scorer needs besides the answer. Never raises on model output: math-verify
+    returns no match on what it cannot parse, and a task scorer's ``SCORER_ANSWER_ERRORS`` give
+    0.0; anything else a scorer raises (e.g. KeyError for metadata the row lacks) propagates."""
     use_math = uses_math(task, verifier)
     pred = extract_answer(response)
     if pred is None:
         return 0.0
-    try:
-        if use_math:
-            r = math_reward(pred, str(answer))
-        else:
+    if use_math:
+        r = math_reward(pred, str(answer))  # math-verify's parse/verify report failures, never raise
+    else:
+        try:
             r = float(_scorer(task)(pred, {"answer": str(answer), "metadata": _metadata(metadata)}))
-    except Exception:  # a scorer choking on garbage output scores 0, it never stops a run
-        return 0.0
+        except SCORER_ANSWER_ERRORS:
+            return 0.0
     if not math.isfinite(r):
         return 0.0
     if partial:

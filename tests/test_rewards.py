@@ -141,10 +141,40 @@ def test_garbage_never_raises(task):
     garbage = [None, 17, b"Answer: 3", "", "\x00\xff Answer: \x00", "Answer: " + "(" * 500,
                "Answer: 9" * 2000, "Answer: 1e999999", "Answer: nan", "Answer: \\frac{", "Answer: [[[",
                "Answer: 1 + 2i + + i", "\\boxed{" * 300, "#### " + "}" * 50]
+    meta = "{}"
+    if task in reasoning_gym.factory.DATASETS:  # the row's own metadata, as its scorer needs it
+        meta = tasks.make_pool([task], 1, 0).column("metadata")[0].as_py()
     for g in garbage:
-        r = reward(g, "3", task, "{not json")
+        r = reward(g, "3", task, meta)
         assert r in (0.0, 1.0)
-    assert reward("Answer: 3", "3", "complex_arithmetic", "{not json") == 0.0  # scorer needs metadata
+    with pytest.raises(KeyError):  # the scorer needs metadata the row lacks: a data error, not a wrong answer
+        reward("Answer: 3", "3", "complex_arithmetic", "{not json")
+
+
+def test_final_number_thousands_separators_need_groups_of_three():
+    assert extract_answer("so it is 1,2,3") == "3"
+    assert extract_answer("the point (2,3)") == "3"
+    assert extract_answer("a list 10,20") == "20"
+    assert extract_answer("total 1,234 apples") == "1234"
+    assert extract_answer("total -1,234,567.25") == "-1234567.25"
+    assert extract_answer("1,2345") == "2345"
+    assert extract_answer("1,234,56") == "56"
+    assert reward("x = 1,2,3", "123", "math") == 0.0
+    assert reward("x = 1,2,3", "3", "math") == 1.0
+
+
+def test_only_answer_parsing_failures_score_zero(monkeypatch):
+    """A scorer that cannot read the answer gives 0; any other exception is a bug and propagates."""
+    def scorer_raising(exc):
+        return lambda answer, entry: (_ for _ in ()).throw(exc)
+
+    for exc in (ValueError("bad int"), ZeroDivisionError(), OverflowError(), SyntaxError("x"), RecursionError()):
+        monkeypatch.setattr(rewards, "_scorer", lambda task, exc=exc: scorer_raising(exc))
+        assert reward("Answer: 3", "3", "basic_arithmetic") == 0.0
+    for exc in (AttributeError("bug"), KeyError("result"), NameError("x"), AssertionError()):
+        monkeypatch.setattr(rewards, "_scorer", lambda task, exc=exc: scorer_raising(exc))
+        with pytest.raises(type(exc)):
+            reward("Answer: 3", "3", "basic_arithmetic")
 
 
 def test_rewards_batch():
