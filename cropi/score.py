@@ -241,7 +241,8 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
         "reason": reason,
     })
     F.write_shard(store, c, feats, index, cfg.feature_dtype)
-    return feats.astype(np.float64), status
+    # the values as stored (float16-rounded with --feature-dtype float16), as a resumed run reads them
+    return feats.astype(cfg.feature_dtype).astype(np.float64), status
 
 
 # ---------------------------------------------------------------------------- the command
