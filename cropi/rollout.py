@@ -27,7 +27,8 @@ def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature
     (``verifier``, ``partial``: see :func:`cropi.rewards.reward`).
 
     Returns columns: responses [P][n] str, rewards [P][n] float, response_token_ids [P][n][L_ij],
-    behavior_logprobs [P][n][L_ij] (a fresh forward pass at ``temperature``)."""
+    behavior_logprobs [P][n][L_ij] (:func:`sampler_logprobs`: a fresh forward pass, the
+    distribution sampled from)."""
     prompt_ids = models.encode_prompts(policy, [r["prompt"] for r in rows])
     flat_prompts = [p for p in prompt_ids for _ in range(n)]
     g = torch.Generator().manual_seed(seed)
@@ -38,7 +39,7 @@ def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature
     texts = models.decode_responses(policy, resp_ids)
     flat_rows = [r for r in rows for _ in range(n)]
     rew = rewards.rewards(texts, flat_rows, verifier=verifier, partial=partial)
-    logps = models.response_logprobs(policy, flat_prompts, resp_ids, temperature)
+    logps = sampler_logprobs(policy, flat_prompts, resp_ids, temperature, top_p)
 
     def group(xs):
         return [xs[i * n : (i + 1) * n] for i in range(len(rows))]
@@ -49,6 +50,44 @@ def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature
         "response_token_ids": group(resp_ids),
         "behavior_logprobs": group(logps),
     }
+
+
+# Recorded in a trajectories file's metadata ("behavior_logprobs"): its stored log-probs are those of
+# the distribution sampled from. Files without it stored log π at T even when top_p < 1.
+SAMPLER_LOGPROBS = "sampled distribution: softmax(logits / temperature), top-p nucleus renormalised"
+
+
+@torch.no_grad()
+def sampler_logprobs(policy: models.Policy, prompt_ids, response_ids, temperature: float, top_p: float = 1.0,
+                     micro_batch: int = 64) -> list[list[float]]:
+    """log β(y_t) of each response token under the distribution :func:`cropi.models.sample` draws
+    from: softmax(logits / temperature), cut to its top-p nucleus and renormalised when top_p < 1
+    (log β = log π_T(y_t) − log Σ_{v ∈ nucleus} π_T(v)). A fresh forward pass; a sampled token
+    that a float difference puts just outside the recomputed nucleus counts as inside it.
+    Per response a list of floats (float32 values)."""
+    if top_p >= 1.0:
+        return models.response_logprobs(policy, prompt_ids, response_ids, temperature, micro_batch)
+    out: list[list[float]] = []
+    pad = policy.tokenizer.pad_token_id
+    for s in range(0, len(prompt_ids), micro_batch):
+        ids, attn, rmask = models.pack(prompt_ids[s : s + micro_batch], response_ids[s : s + micro_batch], pad,
+                                       policy.device)
+        logits = policy.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        at = rmask[:, 1:].nonzero()  # [M, 2]: logits[:, j] predict ids[:, j + 1], a response token
+        rows = max(1, models.LOGIT_CHUNK // logits.shape[-1])
+        lps = []
+        for c in range(0, at.shape[0], rows):
+            i, j = at[c : c + rows].unbind(1)
+            lg = logits[i, j].float() / temperature  # [m, V]
+            target = ids[i, j + 1]
+            logp = torch.log_softmax(lg, -1)
+            kept = models._top_p(logp.exp(), top_p) > 0
+            kept[torch.arange(len(target)), target] = True
+            lps.append(logp.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logp.masked_fill(~kept, -torch.inf), -1))
+        lp = torch.cat(lps).cpu() if lps else torch.zeros(0)
+        counts = rmask.sum(1).tolist()
+        out += [x.tolist() for x in lp.split(counts)]
+    return out
 
 
 def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperature: float = 1.0,
@@ -90,6 +129,7 @@ def rollout(prompts_path, out, *, model: str = models.TINY, n: int = 8, temperat
         "rows": table.num_rows,
         "verifier": verifier,
         "partial_credit": partial,
+        "behavior_logprobs": SAMPLER_LOGPROBS,
     }
     parts.mkdir(parents=True, exist_ok=True)
     _check_parts_meta(parts, meta, out)

@@ -36,7 +36,7 @@ from cropi.policy_grad import (
     token_weights,
 )
 from cropi.projection import Inner, make_projector
-from cropi.rollout import rollout_meta
+from cropi.rollout import SAMPLER_LOGPROBS, rollout_meta, sampler_logprobs
 from cropi.runtime import derive_seed, progress
 
 
@@ -123,43 +123,43 @@ class Prepared:
     rewards: list[list[float]]
     behavior_logp: list  # per prompt: list of per-token lists, or None (on-policy)
     table: pa.Table
+    temperature: float = 1.0  # the file's rollout temperature: log π and log β are taken at it
 
 
-def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Policy | None = None) -> Prepared:
+def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Policy | None = None,
+            temperature: float = 1.0) -> Prepared:
     """Tokenise a trajectories table for ``policy`` and check stored tokens fit its tokenizer.
 
     Stored ``response_token_ids`` are used as they are (checked: ids inside the vocabulary and
-    every response decodes back to its text); otherwise responses are tokenised
-    and EOS appended. Behaviour log-probs: stored ones, or recomputed with ``behavior``, or None."""
+    every response decodes back to its text); otherwise responses are tokenised and EOS appended
+    to those that ended (:func:`_retokenise`). The file's rollout metadata give its sampling
+    temperature and top-p (``temperature`` for files that record none). Behaviour log-probs:
+    recomputed with ``behavior`` for the distribution sampled from (`rollout.sampler_logprobs`),
+    or stored ones, or None (on-policy)."""
+    sampled = rollout_meta(path) if Path(str(path)).is_file() else {}
+    temperature = float(sampled.get("temperature", temperature))
+    top_p = float(sampled.get("top_p", 1.0))
     tok = policy.tokenizer
-    vocab = len(tok)
     rows_resp = table.column("responses").to_pylist()
     prompt_ids = models.encode_prompts(policy, table.column("prompt").to_pylist())
     ids = table.column("id").to_pylist()
     if "response_token_ids" in table.column_names:
         responses = table.column("response_token_ids").to_pylist()
-        for i, r in enumerate(responses):
-            bad = [t for resp in r for t in resp if not 0 <= t < vocab]
-            if bad:
-                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"token id {bad[0]} outside this model's vocabulary ({vocab})")
-        texts = iter(tok.batch_decode([resp for r in responses for resp in r], skip_special_tokens=True))
-        for i, r in enumerate(rows_resp):
-            for j, want in enumerate(r):
-                if next(texts).strip() != want.strip():
-                    raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"response {j}: tokens do not decode to "
-                                            "the response text with this model's tokenizer (trajectories from another tokenizer?)")
+        _check_tokens(tok, path, ids, rows_resp, responses)
     else:
-        eos = tok.eos_token_id
-        responses = [[tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in r] for r in rows_resp]
+        responses = _retokenise(tok, rows_resp, sampled.get("max_new_tokens"))
     if behavior is not None:
         flat_p = [p for p, r in zip(prompt_ids, responses) for _ in r]
         flat_r = [x for r in responses for x in r]
-        lp = models.response_logprobs(behavior, flat_p, flat_r)
+        lp = sampler_logprobs(behavior, flat_p, flat_r, temperature, top_p)
         blp, s = [], 0
         for r in responses:
             blp.append(lp[s : s + len(r)])
             s += len(r)
     elif "behavior_logprobs" in table.column_names:
+        if top_p < 1.0 and sampled.get("behavior_logprobs") != SAMPLER_LOGPROBS:
+            raise schema.InputError(path, None, "behavior_logprobs", f"sampled with top_p {top_p}, but the stored log-probs "
+                                    "are not of the truncated distribution (an older cropi): recompute them with --behavior-model")
         blp = table.column("behavior_logprobs").to_pylist()
     else:
         blp = [None] * len(ids)
@@ -168,7 +168,40 @@ def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Polic
         for i, (p, r) in enumerate(zip(prompt_ids, responses)):
             if len(p) + max(len(x) for x in r) > ctx:
                 raise schema.InputError(path, f"{i} (id {ids[i]!r})", "responses", f"prompt+response longer than the model context ({ctx} tokens)")
-    return Prepared(ids, prompt_ids, responses, table.column("rewards").to_pylist(), blp, table)
+    return Prepared(ids, prompt_ids, responses, table.column("rewards").to_pylist(), blp, table, temperature)
+
+
+def _check_tokens(tok, path, ids, rows_resp, responses) -> None:
+    """Stored token ids must lie inside the vocabulary and decode back to each response's text."""
+    vocab = len(tok)
+    for i, r in enumerate(responses):
+        bad = [t for resp in r for t in resp if not 0 <= t < vocab]
+        if bad:
+            raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"token id {bad[0]} outside this model's vocabulary ({vocab})")
+    texts = iter(tok.batch_decode([resp for r in responses for resp in r], skip_special_tokens=True))
+    for i, r in enumerate(rows_resp):
+        for j, want in enumerate(r):
+            if next(texts).strip() != want.strip():
+                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"response {j}: tokens do not decode to "
+                                        "the response text with this model's tokenizer (trajectories from another tokenizer?)")
+
+
+def _retokenise(tok, rows_resp, max_new_tokens: int | None) -> list[list[list[int]]]:
+    """Token ids of response texts, EOS appended to each response that ended. A response ended
+    unless the file records ``max_new_tokens`` and its text takes that many tokens or more (it
+    was cut there, never sampled an EOS); a file that records nothing (the public CROPI JSONL) is
+    taken to hold ended responses."""
+    eos = tok.eos_token_id
+    out = []
+    for r in rows_resp:
+        enc = [tok(t, add_special_tokens=False)["input_ids"] for t in r]
+        out.append([x if max_new_tokens is not None and len(x) >= max_new_tokens else x + [eos] for x in enc])
+    return out
+
+
+def loss_of(cfg: ScoreConfig, prep: Prepared) -> GradConfig:
+    """The loss settings for ``prep``'s file: ``cfg.grad`` at the temperature it was sampled at."""
+    return dataclasses.replace(cfg.grad, temperature=prep.temperature)
 
 
 # ---------------------------------------------------------------------------- stores
@@ -212,18 +245,19 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
             status.append("ok")
             reason.append("")
             todo.append(i)
+    loss = loss_of(cfg, prep)
     for s in range(0, len(todo), cfg.batch):
         batch = todo[s : s + cfg.batch]
-        weights = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg.grad, pool_std) for i in batch]
+        weights = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], loss, pool_std) for i in batch]
         args = ([prep.prompt_ids[i] for i in batch], [prep.responses[i] for i in batch], weights, [prep.behavior_logp[i] for i in batch])
         try:
             if isinstance(projector, kron.KronProjector):
-                f, gn = kron.prompt_features(policy, *args, cfg.grad, projector, cfg.micro_batch)
+                f, gn = kron.prompt_features(policy, *args, loss, projector, cfg.micro_batch)
             elif cfg.grad_path == "per-layer":
-                f, gn = layer_grads.prompt_gradients(policy, *args, names, cfg.grad, projector, cfg.micro_batch,
+                f, gn = layer_grads.prompt_gradients(policy, *args, names, loss, projector, cfg.micro_batch,
                                                      cfg.grad_checkpointing)
             else:
-                f, gn = prompt_gradients(policy, *args, names, cfg.grad, projector, cfg.micro_batch)
+                f, gn = prompt_gradients(policy, *args, names, loss, projector, cfg.micro_batch)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -306,11 +340,11 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     behavior = models.load(behavior_model, device=device) if behavior_model else None
     if behavior is not None and len(behavior.tokenizer) != len(policy.tokenizer):
         raise schema.InputError(behavior_model, None, "--behavior-model", "tokenizer differs from the scored model's")
-    rmeta = rollout_meta(traj_path)
-    grad_cfg = cfg.grad
-    if "temperature" in rmeta and grad_cfg.temperature != rmeta["temperature"]:
-        grad_cfg = dataclasses.replace(grad_cfg, temperature=rmeta["temperature"])
-        cfg = dataclasses.replace(cfg, grad=grad_cfg)
+    prep = prepare(policy, table, traj_path, behavior, cfg.grad.temperature)
+    target_preps = [prepare(policy, _subsample(t, cfg.max_target, derive_seed(cfg.seed, "target", n)), p, behavior,
+                            cfg.grad.temperature) for t, p, n in zip(target_tables, targets, tnames)]
+    grad_cfg = loss_of(cfg, prep)  # the pool's; each target set is scored at its own temperature
+    cfg = dataclasses.replace(cfg, grad=grad_cfg)
     names = select_params(policy.model, grad_cfg.params)
     if cfg.projector == "kron":  # features cover Linear/Embedding weights only: score and check those alone
         projector = kron.KronProjector(policy.model, names, cfg.k, cfg.seed, dist=cfg.dist, device=policy.device)
@@ -346,15 +380,13 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     }
     traj_sha = schema.content_sha256(traj_path)
     target_shas = [schema.content_sha256(p) for p in targets]
-    prep = prepare(policy, table, traj_path, behavior)
-    target_preps = [prepare(policy, _subsample(t, cfg.max_target, derive_seed(cfg.seed, "target", n)), p, behavior)
-                    for t, p, n in zip(target_tables, targets, tnames)]
     mine = lambda n: sum(min(cfg.shard_size, n - c * cfg.shard_size) for c in range(rank, (n + cfg.shard_size - 1) // cfg.shard_size, world))  # noqa: E731
     bar = progress(total=mine(len(prep.ids)) + sum(mine(len(tp.ids)) for tp in target_preps),
                    desc="score" if world == 1 else f"score rank {rank}", unit="prompt")
     target_means = {}
     for name, tp, path, sha in zip(tnames, target_preps, targets, target_shas):
-        tm = {**store_meta, "source": str(Path(path).resolve()), "source_sha256": sha, "max_target": cfg.max_target}
+        tm = {**store_meta, "loss": loss_of(cfg, tp).to_dict(), "source": str(Path(path).resolve()), "source_sha256": sha,
+              "max_target": cfg.max_target}
         s, n_ok = compute_store(policy, tp, out / "targets" / name, names, projector, cfg, tm, resume=resume,
                                 rank=rank, world=world, pool_std=pool_std, bar=bar)
         acc = all_reduce_sum(torch.from_numpy(np.append(s, n_ok)))
@@ -420,11 +452,12 @@ def exact_gradients(policy, prep: Prepared, rows: list[int], names, cfg: ScoreCo
     d = param_dim(policy.model, names)
     ident = make_projector("identity", d, d, device=policy.device)
     out = np.zeros((len(rows), d), dtype=np.float32)
+    loss = loss_of(cfg, prep)
     for s in range(0, len(rows), cfg.batch):
         b = rows[s : s + cfg.batch]
-        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg.grad, pool_std) for i in b]
+        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], loss, pool_std) for i in b]
         f, _ = prompt_gradients(policy, [prep.prompt_ids[i] for i in b], [prep.responses[i] for i in b], w,
-                                [prep.behavior_logp[i] for i in b], names, cfg.grad, ident.project, cfg.micro_batch)
+                                [prep.behavior_logp[i] for i in b], names, loss, ident.project, cfg.micro_batch)
         out[s : s + len(b)] = f.numpy()
     return out
 
@@ -434,11 +467,12 @@ def target_mean_gradient(policy, tp: Prepared, names, cfg: ScoreConfig, pool_std
     signal, by plain backward of their summed objective, ``cfg.batch`` prompts at a time."""
     t_ok = [i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])]
     g = torch.zeros(param_dim(policy.model, names))
+    loss = loss_of(cfg, tp)
     for s in range(0, len(t_ok), cfg.batch):
         b = t_ok[s : s + cfg.batch]
-        w = [token_weights(tp.rewards[i], [len(r) for r in tp.responses[i]], cfg.grad, pool_std) for i in b]
+        w = [token_weights(tp.rewards[i], [len(r) for r in tp.responses[i]], loss, pool_std) for i in b]
         g += layer_grads.summed_gradient(policy, [tp.prompt_ids[i] for i in b], [tp.responses[i] for i in b], w,
-                                         [tp.behavior_logp[i] for i in b], names, cfg.grad, cfg.micro_batch,
+                                         [tp.behavior_logp[i] for i in b], names, loss, cfg.micro_batch,
                                          cfg.grad_checkpointing)
     return g / max(len(t_ok), 1)
 
@@ -452,11 +486,12 @@ def exact_scores(policy, prep: Prepared, rows: list[int], target_preps: list[Pre
     inner = Inner(torch.stack(means).to(policy.device))
     tnorm = torch.stack(means).double().norm(dim=1)
     out = np.zeros((len(rows), len(means)))
+    loss = loss_of(cfg, prep)
     for s in range(0, len(rows), cfg.batch):
         b = rows[s : s + cfg.batch]
-        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg.grad, pool_std) for i in b]
+        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], loss, pool_std) for i in b]
         dots, norms = layer_grads.prompt_gradients(policy, [prep.prompt_ids[i] for i in b], [prep.responses[i] for i in b],
-                                                   w, [prep.behavior_logp[i] for i in b], names, cfg.grad, inner,
+                                                   w, [prep.behavior_logp[i] for i in b], names, loss, inner,
                                                    cfg.micro_batch, cfg.grad_checkpointing)
         out[s : s + len(b)] = (dots.double() / (norms[:, None] * tnorm[None, :]).clamp(min=1e-30)).numpy()
     return out
@@ -553,13 +588,15 @@ def check_influence(policy, prep: Prepared, target_preps: list[Prepared], scores
     return {"n": len(rows), "combine": "mean of ΔJ_V / ‖∇J_V‖", "steps": out}
 
 
-def _behavior_filled(policy, prep: Prepared, temperature: float) -> Prepared:
-    """``prep`` with on-policy (None) behaviour log-probs replaced by the current model's."""
+def _behavior_filled(policy, prep: Prepared, temperature: float | None = None) -> Prepared:
+    """``prep`` with on-policy (None) behaviour log-probs replaced by the current model's, at the
+    file's own temperature ``prep.temperature`` (the one its log π is taken at; ``temperature``
+    is not used)."""
     todo = [i for i, b in enumerate(prep.behavior_logp) if b is None]
     if not todo:
         return prep
     flat = models.response_logprobs(policy, [prep.prompt_ids[i] for i in todo for _ in prep.responses[i]],
-                                    [r for i in todo for r in prep.responses[i]], temperature)
+                                    [r for i in todo for r in prep.responses[i]], prep.temperature)
     blp, s = list(prep.behavior_logp), 0
     for i in todo:
         blp[i], s = flat[s : s + len(prep.responses[i])], s + len(prep.responses[i])
@@ -570,7 +607,7 @@ def _behavior_filled(policy, prep: Prepared, temperature: float) -> Prepared:
 def _objective(policy, prep: Prepared, rows: list[int], cfg: ScoreConfig, pool_std) -> float:
     """J_V = mean over ``rows`` of J_x(θ) = Σ_i Σ_t w_{i,t} ρ_{i,t} (the value whose gradient
     ``prompt_gradients`` takes), at the model's current parameters. float."""
-    total, g = 0.0, cfg.grad
+    total, g = 0.0, loss_of(cfg, prep)
     for s in range(0, len(rows), cfg.batch):
         b = rows[s : s + cfg.batch]
         w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], g, pool_std) for i in b]

@@ -57,3 +57,113 @@ def test_resume_with_float16_features_is_byte_identical(small, tmp_path, monkeyp
     a, b = tmp_path / "full", tmp_path / "r"
     assert (a / "scores.parquet").read_bytes() == (b / "scores.parquet").read_bytes()
     assert np.asarray(features.read_shard(a / "features", 0)[0]).dtype == np.float16
+
+
+# ---------------------------------------------------------------------------- items 1, 2: behaviour log-probs
+
+
+def rolled_out(tmp, name, temperature, top_p=1.0, n_prompts=5, max_new_tokens=16):
+    """A tiny-model rollout at ``temperature``/``top_p`` whose rewards are rewritten to 0/1 patterns
+    with a learning signal in every group (the file's metadata kept)."""
+    from cropi import rollout as R
+    from cropi import tasks
+
+    prompts = tmp / f"{name}.prompts.parquet"
+    if not prompts.exists():
+        schema.write_parquet_atomic(tasks.make_pool(["chain_sum:difficulty=0"], n_prompts, 0), prompts)
+    out = tmp / f"{name}.traj.parquet"
+    R.rollout(prompts, out, n=4, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=3)
+    t = pa.parquet.read_table(out)
+    rewards = pa.array([[float((i + j) % 2) for j in range(4)] for i in range(t.num_rows)], pa.list_(pa.float32()))
+    schema.write_parquet_atomic(t.set_column(t.column_names.index("rewards"), "rewards", rewards), out,
+                                metadata=schema.read_cropi_meta(out))
+    return out
+
+
+def identity_scores(pool, target, out, **kw):
+    S.score(pool, [target], out, cfg=S.ScoreConfig(projector="identity", batch=4), **kw)
+    return schema.read_table(out / "scores.parquet", "scores")
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    import pyarrow.parquet  # noqa: F401  (pa.parquet)
+
+    d = tmp_path_factory.mktemp("tinyroll")
+    return d, rolled_out(d, "pool", 0.7), rolled_out(d, "target", 1.3, n_prompts=3)
+
+
+def test_behavior_model_scores_at_each_files_rollout_temperature(tiny_files, tmp_path):
+    """Rolled out at T = 0.7 (target set at T = 1.3), scored with the stored log-probs and again with
+    --behavior-model tiny (the same model: ρ ≡ 1 both times): the scores agree to float precision."""
+    d, pool, target = tiny_files
+    stored = identity_scores(pool, target, tmp_path / "stored")
+    again = identity_scores(pool, target, tmp_path / "again", behavior_model=models.TINY)
+    a, b = (np.asarray(t.column("score").to_numpy(zero_copy_only=False)) for t in (stored, again))
+    ok = np.array(stored.column("status").to_pylist()) == "ok"
+    assert ok.sum() >= 4 and np.abs(a[ok] - b[ok]).max() <= 1e-6
+    meta = features.read_meta(tmp_path / "stored" / "targets" / "target")
+    assert meta["loss"]["temperature"] == 1.3
+    assert features.read_meta(tmp_path / "stored" / "features")["loss"]["temperature"] == 0.7
+
+
+def test_target_set_gradient_at_its_own_temperature(tiny_files, tmp_path):
+    """The target set's features equal those it gets as a pool of its own (scored at its T = 1.3),
+    not those at the pool's T = 0.7."""
+    d, pool, target = tiny_files
+    identity_scores(pool, target, tmp_path / "a")
+    identity_scores(target, target, tmp_path / "self")
+    as_target, _ = features.load(tmp_path / "a" / "targets" / "target")
+    as_pool, _ = features.load(tmp_path / "self" / "features")
+    assert np.abs(as_target).max() > 0
+    np.testing.assert_allclose(as_target, as_pool, rtol=0, atol=1e-6 * np.abs(as_pool).max())
+
+
+def nucleus_logprob(logits, token, temperature, top_p):
+    """log of the top-p renormalised softmax(logits / T) at ``token``, by hand (float64)."""
+    p = np.exp(logits / temperature - np.max(logits / temperature))
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    kept, mass = set(), 0.0
+    for v in order:  # the nucleus: largest tokens while the mass before them is below top_p
+        if mass >= top_p:
+            break
+        kept.add(int(v))
+        mass += p[v]
+    kept.add(int(token))
+    return float(np.log(p[token]) - np.log(sum(p[v] for v in kept)))
+
+
+def test_top_p_rollout_stores_the_sampled_distributions_logprobs(tmp_path, tiny_policy):
+    import torch
+
+    path = rolled_out(tmp_path, "topp", 0.9, top_p=0.7, n_prompts=2, max_new_tokens=10)
+    t = schema.read_table(path, "trajectories")
+    prompt_ids = models.encode_prompts(tiny_policy, t.column("prompt").to_pylist())
+    checked = truncated = 0
+    for p, resps, blps in zip(prompt_ids, t.column("response_token_ids").to_pylist(), t.column("behavior_logprobs").to_pylist()):
+        for r, blp in zip(resps, blps):
+            with torch.no_grad():
+                logits = tiny_policy.model(input_ids=torch.tensor([p + r])).logits[0].double().numpy()
+            for j, tok in enumerate(r):
+                want = nucleus_logprob(logits[len(p) + j - 1], tok, 0.9, 0.7)
+                assert abs(blp[j] - want) < 2e-5
+                full = logits[len(p) + j - 1] / 0.9
+                truncated += want - (full[tok] - np.log(np.exp(full - full.max()).sum()) - full.max()) > 1e-3
+                checked += 1
+    assert checked > 20 and truncated > 5  # the nucleus really cut mass at most tokens
+    # stored and recomputed (--behavior-model) behaviour log-probs give the same scores
+    stored = identity_scores(path, path, tmp_path / "stored")
+    again = identity_scores(path, path, tmp_path / "again", behavior_model=models.TINY)
+    a, b = (np.asarray(x.column("score").to_numpy(zero_copy_only=False)) for x in (stored, again))
+    ok = np.array(stored.column("status").to_pylist()) == "ok"
+    assert ok.any() and np.abs(a[ok] - b[ok]).max() <= 1e-6
+
+
+def test_top_p_file_without_truncated_logprobs_is_refused(tmp_path):
+    path = rolled_out(tmp_path, "old", 1.0, top_p=0.8, n_prompts=2, max_new_tokens=6)
+    meta = schema.read_cropi_meta(path)
+    del meta["behavior_logprobs"]  # as an older cropi wrote it: log π at T, the nucleus ignored
+    schema.write_parquet_atomic(pa.parquet.read_table(path).replace_schema_metadata(None), path, metadata=meta)
+    with pytest.raises(schema.InputError, match="top_p 0.8.*--behavior-model"):
+        identity_scores(path, path, tmp_path / "s")
