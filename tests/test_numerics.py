@@ -167,3 +167,25 @@ def test_top_p_file_without_truncated_logprobs_is_refused(tmp_path):
     schema.write_parquet_atomic(pa.parquet.read_table(path).replace_schema_metadata(None), path, metadata=meta)
     with pytest.raises(schema.InputError, match="top_p 0.8.*--behavior-model"):
         identity_scores(path, path, tmp_path / "s")
+
+
+# ---------------------------------------------------------------------------- item 6: EOS only where a response ended
+
+
+def test_retokenised_responses_get_eos_only_when_they_ended(tmp_path, tiny_policy):
+    """Without stored token ids, responses are re-tokenised from their text: a response cut at the
+    file's max_new_tokens gets no EOS (it never sampled one); the others do."""
+    path = rolled_out(tmp_path, "cut", 1.0, n_prompts=4, max_new_tokens=10)
+    full = schema.read_table(path, "trajectories")
+    sampled = full.column("response_token_ids").to_pylist()
+    eos = tiny_policy.tokenizer.eos_token_id
+    flat = [r for rs in sampled for r in rs]
+    assert any(r[-1] == eos for r in flat) and any(r[-1] != eos for r in flat)  # both kinds present
+    text_only = full.drop_columns(["response_token_ids", "behavior_logprobs"])
+    schema.write_parquet_atomic(text_only, tmp_path / "text.parquet", metadata=schema.read_cropi_meta(path))
+    prep = S.prepare(tiny_policy, text_only, tmp_path / "text.parquet")
+    assert prep.responses == sampled
+    # a file that records no max_new_tokens (the public CROPI JSONL): every response taken as ended
+    schema.write_parquet_atomic(text_only, tmp_path / "plain.parquet")
+    prep = S.prepare(tiny_policy, text_only, tmp_path / "plain.parquet")
+    assert prep.responses == [[r if r[-1] == eos else r + [eos] for r in rs] for rs in sampled]
