@@ -16,8 +16,11 @@ features agree up to float error) and freed: memory is the model, one micro-batc
 and one module's per-prompt blocks, never P × d. A parameter used by several modules (an lm_head
 tied to the embedding) gets the sum of their blocks; its exact norm adds the cross term on the
 embedding's rows. Parameters whose modules are called otherwise (several inputs, keyword
-arguments, outputs shared across sequences) come from the vmap path restricted to them, so every
-selected parameter stays exact. The parameters' own gradients are never formed (they are frozen
+arguments, outputs shared across sequences), and parameters used where no hook sees them (a
+ParameterDict entry such as PEFT's ``lora_embedding_A``, a weight also read through ``F.linear``:
+found by counting each parameter's uses in the autograd graph of a one-sequence probe against the
+module calls the hooks see) come from the vmap path restricted to them, so every selected
+parameter stays exact; after each backward every parameter is checked to be delivered whole. The parameters' own gradients are never formed (they are frozen
 during the pass), so the backward costs what a training backward costs without its dW products.
 
 Micro-batches hold whole prompts (at most ``micro_batch`` sequences, one prompt at least). A prompt
@@ -82,6 +85,7 @@ class LayerGrads:
         self.policy, self.cfg, self.projector = policy, cfg, projector
         self.micro_batch, self.checkpointing = micro_batch, checkpointing
         self.recomputing = False
+        self.unhooked: set[str] | None = None  # parameters the hooks cannot deliver whole (``_unhooked``)
         self.window = None  # the logits window of the objective being run (``_objective``)
         self.model = policy.model
         params = dict(self.model.named_parameters())
@@ -185,7 +189,9 @@ class LayerGrads:
         self.token_index: dict[int, list[torch.Tensor]] = {}
         self.acc = Accumulator(self.projector, self.n_prompts)
         self.sq = torch.zeros(self.n_prompts, dtype=torch.float64)
-        self.leftover: set[str] = set()
+        if self.unhooked is None:
+            self.unhooked = self._unhooked(units)
+        self.leftover: set[str] = set(self.unhooked)
         self.phase = "forward"
         for p in self.params.values():
             p.reset()
@@ -202,6 +208,11 @@ class LayerGrads:
             for h in handles:
                 h.remove()
         left = [n for n in self.names if n in self.leftover or self._pending(self.params[n])]
+        for n in self.names:
+            p = self.params[n]
+            if n not in left and p.calls_dense + p.calls_rows != self.uses[n]:
+                raise RuntimeError(f"per-layer gradients: {n} is used {self.uses[n]} times in the graph but its hooks "
+                                   f"saw {p.calls_dense + p.calls_rows} module calls (a bug in cropi.layer_grads)")
         if left:
             self._vmap_fallback(units, left)
         acc, sq = self.acc, self.sq
@@ -209,6 +220,29 @@ class LayerGrads:
         for p in self.params.values():
             p.reset()
         return acc.result(), sq
+
+    def _unhooked(self, units) -> set[str]:
+        """Selected parameters whose uses in J's autograd graph outnumber the calls of the modules
+        that own them: those no hook sees whole. Counted on a probe forward of the first sequence,
+        the selected parameters requiring grad (sets ``self.uses``: name -> uses in the graph)."""
+        calls = dict.fromkeys(self.names, 0)
+
+        def counter(mname):
+            def hook(mod, args, out):
+                if not self.recomputing:
+                    for _, n in self.users[mname]:
+                        calls[n] += 1
+            return hook
+
+        handles = [m.register_forward_hook(counter(name)) for name, m in self.modules.items()]
+        try:
+            with _frozen(self.model, set(self.names)), _eval(self.model), torch.enable_grad():
+                J = self._objective(units, 0, 1)
+        finally:
+            for h in handles:
+                h.remove()
+        self.uses = _graph_uses(J, {id(p): n for n, p in self.model.named_parameters() if n in self.params})
+        return {n for n in self.names if self.uses[n] != calls[n]}
 
     @staticmethod
     def _pending(p: _Param) -> bool:
@@ -411,6 +445,25 @@ class LayerGrads:
                     layer.forward = orig
                 else:
                     del layer.forward
+
+
+def _graph_uses(J: torch.Tensor, names_by_id: dict[int, str]) -> dict[str, int]:
+    """How many edges of J's autograd graph lead into each named parameter's accumulator (one per
+    op that reads the parameter)."""
+    uses = dict.fromkeys(names_by_id.values(), 0)
+    seen, stack = set(), [J.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            var = getattr(nxt, "variable", None)
+            if var is not None and id(var) in names_by_id:
+                uses[names_by_id[id(var)]] += 1
+            elif nxt is not None:
+                stack.append(nxt)
+    return uses
 
 
 def _leaf_embeddings(model):

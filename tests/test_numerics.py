@@ -189,3 +189,90 @@ def test_retokenised_responses_get_eos_only_when_they_ended(tmp_path, tiny_polic
     schema.write_parquet_atomic(text_only, tmp_path / "plain.parquet")
     prep = S.prepare(tiny_policy, text_only, tmp_path / "plain.parquet")
     assert prep.responses == [[r if r[-1] == eos else r + [eos] for r in rs] for rs in sampled]
+
+
+# ---------------------------------------------------------------------------- item 3: per-layer completeness
+
+
+def small_model(seed=5):
+    tok = models.build_tiny_tokenizer()
+    model = models.build_tiny_model(tok, seed=seed, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    return models.Policy(model, tok, "tiny-test", "-")
+
+
+def by_hand(model, names, p, resps, rewards, blp):
+    """g_x by plain autograd, each response alone: A = (r − mean) / (std + 1e-4), J = Σ_i Σ_t A_i ρ / (G |y_i|)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    flags = {n: q.requires_grad for n, q in params.items()}
+    for n, q in params.items():
+        q.requires_grad_(n in names)
+        q.grad = None
+    r = np.asarray(rewards)
+    A = (r - r.mean()) / (r.std(ddof=1) + 1e-4)
+    J = 0.0
+    for i, resp in enumerate(resps):
+        ids = torch.tensor([p + resp])
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[len(p) - 1:, 0]
+        J = J + torch.exp(lp - torch.tensor(blp[i])).sum() * A[i] / (len(resps) * len(resp))
+    J.backward()
+    g = torch.cat([params[n].grad.flatten().float() for n in names])
+    for n, q in params.items():
+        q.grad = None
+        q.requires_grad_(flags[n])
+    return g
+
+
+def per_layer_vs_vmap_vs_by_hand(policy, names):
+    import synthetic
+
+    from cropi import layer_grads
+    from cropi.policy_grad import GradConfig, param_dim, prompt_gradients, token_weights
+    from cropi.projection import make_projector
+
+    batch = synthetic.prompts(4, 3, seed=7, prompt_len=(3, 9), resp_len=(2, 9))
+    w = [token_weights(rw, [len(r) for r in rs], GradConfig()) for _, rs, rw, _ in batch]
+    args = ([b[0] for b in batch], [b[1] for b in batch], w, [b[3] for b in batch])
+    d = param_dim(policy.model, names)
+    ident = make_projector("identity", d, d)
+    f_layer, n_layer = layer_grads.prompt_gradients(policy, *args, names, GradConfig(), ident)
+    f_vmap, _ = prompt_gradients(policy, *args, names, GradConfig(), ident)
+    for j, b in enumerate(batch):
+        ref = by_hand(policy.model, names, *b)
+        for f in (f_layer[j], f_vmap[j]):
+            assert float((f - ref).norm() / ref.norm()) < 1e-4
+        assert float(n_layer[j]) == pytest.approx(float(ref.double().norm()), rel=1e-5)
+
+
+def test_lora_embedding_parameters_are_delivered_on_the_per_layer_path():
+    """PEFT keeps lora_embedding_A/B in a ParameterDict that is never called as module(x)."""
+    from peft import LoraConfig, get_peft_model
+
+    policy = small_model()
+    model = get_peft_model(policy.model, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                                    init_lora_weights=False)).eval()
+    policy = models.Policy(model, policy.tokenizer, "tiny-test", "-")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_embedding_A" in n for n in names) and any("lora_embedding_B" in n for n in names)
+    per_layer_vs_vmap_vs_by_hand(policy, names)
+
+
+def test_weights_also_read_outside_their_modules_are_delivered_whole():
+    """A ParameterDict entry read through F.linear, and Linear weights read again by another
+    module's forward: the hooks see only their own module's call; every block is still exact."""
+    import torch
+    import torch.nn.functional as Fn
+
+    policy = small_model(seed=6)
+    mlp = policy.model.model.layers[0].mlp
+    mlp.extra = torch.nn.ParameterDict({"s": torch.nn.Parameter(torch.randn(32, 32) * 0.05)})
+    orig = mlp.forward
+    mlp.forward = lambda x: orig(x) + Fn.linear(x, mlp.extra["s"])
+    attn = policy.model.model.layers[1].self_attn
+    post = policy.model.model.layers[1].post_attention_layernorm
+    post.register_forward_hook(lambda m, a, out: out + 0.1 * Fn.linear(a[0], attn.o_proj.weight.T))
+    names = [n for n, _ in policy.model.named_parameters()]
+    assert "model.layers.0.mlp.extra.s" in names
+    per_layer_vs_vmap_vs_by_hand(policy, names)
