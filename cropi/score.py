@@ -66,6 +66,7 @@ class ScoreConfig:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_LOSS_SCALES = (2.0**16, 2.0**12, 2.0**8, 2.0**4, 1.0)  # tried in turn while a batch overflows
 GRAD_PATHS = ("auto", "per-layer", "vmap")
 REAL_MODEL_PARAMS = 20_000_000  # auto: models above this many parameters take the per-layer path
 VMAP_BYTES = 1 << 30  # auto: the vmap path only while a batch's P × d float32 gradients fit in this
@@ -102,6 +103,26 @@ def with_adapter(policy: models.Policy, adapter) -> models.Policy:
         raise schema.InputError(adapter, None, "--adapter", "not a PEFT adapter folder (no adapter_config.json)")
     model = PeftModel.from_pretrained(policy.model, str(adapter), is_trainable=True)
     return dataclasses.replace(policy, model=model.eval())
+
+
+def is_fp16(policy: models.Policy) -> bool:
+    return any(p.dtype == torch.float16 for p in policy.model.parameters())
+
+
+def loss_scaled(fn, policy: models.Policy, prompt_ids, responses, weights, behavior_logp, *rest) -> tuple:
+    """``fn(policy, prompt_ids, responses, weights, behavior_logp, *rest)``, one of the per-prompt
+    gradient functions, whose results are linear in the per-response weights (features, norms,
+    inner products, gradients), protected from fp16 underflow: for a model with fp16 parameters
+    it runs with every weight × S and divides the results by S. J is linear in the weights, so its fp16
+    backward carries output-gradients S times larger, above fp16's underflow (loss scaling, as in
+    mixed-precision training); S is a power of two, so scaling and unscaling are exact. The
+    largest S of ``FP16_LOSS_SCALES`` whose results are all finite is used (an overflow backs off
+    by 2^4). Other dtypes run unscaled."""
+    for scale in FP16_LOSS_SCALES if is_fp16(policy) else (1.0,):
+        out = fn(policy, prompt_ids, responses, [[w * scale for w in ws] for ws in weights], behavior_logp, *rest)
+        out = out if isinstance(out, tuple) else (out,)
+        if scale == 1.0 or all(bool(torch.isfinite(o).all()) for o in out):
+            return tuple(o / scale for o in out)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -204,6 +225,14 @@ def loss_of(cfg: ScoreConfig, prep: Prepared) -> GradConfig:
     return dataclasses.replace(cfg.grad, temperature=prep.temperature)
 
 
+def batch_args(prep: Prepared, rows: list[int], loss: GradConfig, pool_std) -> tuple[list, list, list, list]:
+    """(prompt ids, responses, per-response weights, behaviour log-probs) of ``rows``: what every
+    per-prompt gradient function takes after the policy."""
+    return ([prep.prompt_ids[i] for i in rows], [prep.responses[i] for i in rows],
+            [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], loss, pool_std) for i in rows],
+            [prep.behavior_logp[i] for i in rows])
+
+
 # ---------------------------------------------------------------------------- stores
 
 
@@ -248,16 +277,15 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
     loss = loss_of(cfg, prep)
     for s in range(0, len(todo), cfg.batch):
         batch = todo[s : s + cfg.batch]
-        weights = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], loss, pool_std) for i in batch]
-        args = ([prep.prompt_ids[i] for i in batch], [prep.responses[i] for i in batch], weights, [prep.behavior_logp[i] for i in batch])
+        args = batch_args(prep, batch, loss, pool_std)
         try:
             if isinstance(projector, kron.KronProjector):
-                f, gn = kron.prompt_features(policy, *args, loss, projector, cfg.micro_batch)
+                f, gn = loss_scaled(kron.prompt_features, policy, *args, loss, projector, cfg.micro_batch)
             elif cfg.grad_path == "per-layer":
-                f, gn = layer_grads.prompt_gradients(policy, *args, names, loss, projector, cfg.micro_batch,
-                                                     cfg.grad_checkpointing)
+                f, gn = loss_scaled(layer_grads.prompt_gradients, policy, *args, names, loss, projector, cfg.micro_batch,
+                                    cfg.grad_checkpointing)
             else:
-                f, gn = prompt_gradients(policy, *args, names, loss, projector, cfg.micro_batch)
+                f, gn = loss_scaled(prompt_gradients, policy, *args, names, loss, projector, cfg.micro_batch)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -371,6 +399,8 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         "projector": projector.meta(),
         "dtype": cfg.feature_dtype,
         "compute_dtype": str(next(policy.model.parameters()).dtype).removeprefix("torch."),
+        "loss_scale": "fp16: weights x 2^16, backed off by 2^4 while a batch overflows, results divided back"
+        if is_fp16(policy) else None,
         "grad_path": {"requested": requested_path, "ran": path, "why": why},
         "grad_checkpointing": cfg.grad_checkpointing,
         "adapter": None if not cfg.adapter else {"path": str(cfg.adapter), "gradients": "adapter parameters only"},
@@ -455,9 +485,8 @@ def exact_gradients(policy, prep: Prepared, rows: list[int], names, cfg: ScoreCo
     loss = loss_of(cfg, prep)
     for s in range(0, len(rows), cfg.batch):
         b = rows[s : s + cfg.batch]
-        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], loss, pool_std) for i in b]
-        f, _ = prompt_gradients(policy, [prep.prompt_ids[i] for i in b], [prep.responses[i] for i in b], w,
-                                [prep.behavior_logp[i] for i in b], names, loss, ident.project, cfg.micro_batch)
+        f, _ = loss_scaled(prompt_gradients, policy, *batch_args(prep, b, loss, pool_std), names, loss, ident.project,
+                           cfg.micro_batch)
         out[s : s + len(b)] = f.numpy()
     return out
 
@@ -470,10 +499,8 @@ def target_mean_gradient(policy, tp: Prepared, names, cfg: ScoreConfig, pool_std
     loss = loss_of(cfg, tp)
     for s in range(0, len(t_ok), cfg.batch):
         b = t_ok[s : s + cfg.batch]
-        w = [token_weights(tp.rewards[i], [len(r) for r in tp.responses[i]], loss, pool_std) for i in b]
-        g += layer_grads.summed_gradient(policy, [tp.prompt_ids[i] for i in b], [tp.responses[i] for i in b], w,
-                                         [tp.behavior_logp[i] for i in b], names, loss, cfg.micro_batch,
-                                         cfg.grad_checkpointing)
+        g += loss_scaled(layer_grads.summed_gradient, policy, *batch_args(tp, b, loss, pool_std), names, loss,
+                         cfg.micro_batch, cfg.grad_checkpointing)[0]
     return g / max(len(t_ok), 1)
 
 
@@ -489,10 +516,8 @@ def exact_scores(policy, prep: Prepared, rows: list[int], target_preps: list[Pre
     loss = loss_of(cfg, prep)
     for s in range(0, len(rows), cfg.batch):
         b = rows[s : s + cfg.batch]
-        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], loss, pool_std) for i in b]
-        dots, norms = layer_grads.prompt_gradients(policy, [prep.prompt_ids[i] for i in b], [prep.responses[i] for i in b],
-                                                   w, [prep.behavior_logp[i] for i in b], names, loss, inner,
-                                                   cfg.micro_batch, cfg.grad_checkpointing)
+        dots, norms = loss_scaled(layer_grads.prompt_gradients, policy, *batch_args(prep, b, loss, pool_std), names, loss,
+                                  inner, cfg.micro_batch, cfg.grad_checkpointing)
         out[s : s + len(b)] = (dots.double() / (norms[:, None] * tnorm[None, :]).clamp(min=1e-30)).numpy()
     return out
 
@@ -610,9 +635,7 @@ def _objective(policy, prep: Prepared, rows: list[int], cfg: ScoreConfig, pool_s
     total, g = 0.0, loss_of(cfg, prep)
     for s in range(0, len(rows), cfg.batch):
         b = rows[s : s + cfg.batch]
-        w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], g, pool_std) for i in b]
-        u = build_units([prep.prompt_ids[i] for i in b], [prep.responses[i] for i in b], w,
-                        [prep.behavior_logp[i] for i in b], policy.tokenizer.pad_token_id, cfg.micro_batch)
+        u = build_units(*batch_args(prep, b, g, pool_std), policy.tokenizer.pad_token_id, cfg.micro_batch)
         U, M, T = u.input_ids.shape
         lp = models.token_logprobs(policy.model, u.input_ids.view(U * M, T).to(policy.device),
                                    u.attention_mask.view(U * M, T).to(policy.device), g.temperature).cpu().view(U, M, T)
