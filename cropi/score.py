@@ -338,26 +338,88 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     cfg = cfg or ScoreConfig()
     t0 = time.time()
     out = Path(out)
+    open_output(out, targets, resume, overwrite, rank, [model if policy is None else None, behavior_model])
+    inputs = read_inputs(trajectories, targets, columns, split)
+    policy, behavior = load_policies(model, behavior_model, cfg, device, policy)
+    prep, target_preps = prepare_inputs(policy, behavior, inputs, cfg)
+    cfg = dataclasses.replace(cfg, grad=loss_of(cfg, prep))  # the pool's; each target set keeps its own temperature
+    names, projector, cfg, grad_path = make_projection(policy, cfg)
+    pool_std = reward_std(inputs.table)
+    store_meta = features_meta(model, behavior_model, policy, behavior, inputs, names, projector, cfg, grad_path)
+    bar = progress(total=sum(_rows_of_rank(len(p.ids), cfg.shard_size, rank, world) for p in [prep, *target_preps]),
+                   desc="score" if world == 1 else f"score rank {rank}", unit="prompt")
+    target_means = target_set_means(policy, target_preps, inputs, out, names, projector, cfg, store_meta, resume=resume,
+                                    rank=rank, world=world, pool_std=pool_std, bar=bar)
+    compute_store(policy, prep, out / "features", names, projector, cfg,
+                  {**store_meta, "source": str(inputs.pool.resolve()), "source_sha256": inputs.pool_sha256},
+                  resume=resume, rank=rank, world=world, pool_std=pool_std, bar=bar)
+    bar.close()
+    barrier()
+    if rank != 0:
+        return {}
+    scores = finish_scores(out, inputs, prep, target_preps, target_means, cfg)
+    meta = run_meta(store_meta, inputs, cfg, scores, n_prompts=sum(len(p.ids) for p in [prep, *target_preps]),
+                    seconds=time.time() - t0, world=world)
+    if cfg.check_rank:
+        meta["check_rank"] = check_rank(policy, prep, target_preps, scores, names, cfg, pool_std)
+    if cfg.check_influence:
+        meta["check_influence"] = check_influence(policy, prep, target_preps, scores, names, cfg, pool_std)
+    schema.write_json_atomic(meta, out / "meta.json")
+    return meta
+
+
+# ---------------------------------------------------------------------------- the steps of `score`
+
+
+@dataclass
+class Inputs:
+    """What `cropi score` reads: the pool and the target sets (validated tables), with the target
+    sets' names (``score__<name>``) and every file's sha256."""
+
+    pool: Path
+    table: pa.Table
+    pool_sha256: str
+    targets: list[Path]
+    target_tables: list[pa.Table]
+    names: list[str]
+    target_sha256: list[str]
+
+
+def open_output(out: Path, targets: list, resume: bool, overwrite: bool, rank: int, model_names: list) -> None:
+    """Refuse a run without target sets or over existing scores (unless ``resume``); ``overwrite``
+    removes OUT. Rank 0 builds the named models once, before the other ranks load them."""
     if not targets:
         raise schema.InputError(out, None, "--target", "at least one target set is needed")
     if rank == 0:
         if out.exists() and overwrite:
             shutil.rmtree(out)
-        for m in (model if policy is None else None, behavior_model):
+        for m in model_names:
             if m:
-                models.resolve(m)  # builds the tiny default once, before the other ranks load it
+                models.resolve(m)
     barrier()
     if (out / "meta.json").exists() and not resume:
         raise schema.InputError(out, None, None, "scores already exist here; pass --resume to continue or --overwrite to replace")
-    traj_path = Path(trajectories)
-    table = schema.read_table(traj_path, "trajectories", columns=columns, split=split)
+
+
+def read_inputs(trajectories, targets: list, columns: dict | None, split: str | None) -> Inputs:
+    """Read and validate the pool (with the user's ``columns`` and ``split``) and the target sets,
+    which must be trajectories (rolled out)."""
+    pool = Path(trajectories)
+    table = schema.read_table(pool, "trajectories", columns=columns, split=split)
     target_tables = []
     for p in targets:
         t = schema.read_table(p)
         if schema.detect_kind(t) != "trajectories":
             raise schema.InputError(p, None, "responses", "a target set needs responses and rewards: roll it out first (cropi rollout --prompts ...)")
         target_tables.append(schema.validate(t, "trajectories", p))
-    tnames = target_names(targets)
+    return Inputs(pool, table, schema.content_sha256(pool), [Path(p) for p in targets], target_tables,
+                  target_names(targets), [schema.content_sha256(p) for p in targets])
+
+
+def load_policies(model: str, behavior_model: str | None, cfg: ScoreConfig, device: str,
+                  policy: models.Policy | None) -> tuple[models.Policy, models.Policy | None]:
+    """The scored policy (``policy`` or ``model`` loaded, in ``cfg.dtype``, with ``cfg.adapter``)
+    and the behaviour model (None without ``behavior_model``), which must share its tokenizer."""
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     policy = policy or models.load(model, device=device, dtype=DTYPES.get(cfg.dtype))
@@ -368,94 +430,120 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
     behavior = models.load(behavior_model, device=device) if behavior_model else None
     if behavior is not None and len(behavior.tokenizer) != len(policy.tokenizer):
         raise schema.InputError(behavior_model, None, "--behavior-model", "tokenizer differs from the scored model's")
-    prep = prepare(policy, table, traj_path, behavior, cfg.grad.temperature)
+    return policy, behavior
+
+
+def prepare_inputs(policy, behavior, inputs: Inputs, cfg: ScoreConfig) -> tuple[Prepared, list[Prepared]]:
+    """The pool and the target sets (each subsampled to ``cfg.max_target`` prompts, seeded by its
+    name) tokenised for ``policy`` (:func:`prepare`)."""
+    prep = prepare(policy, inputs.table, inputs.pool, behavior, cfg.grad.temperature)
     target_preps = [prepare(policy, _subsample(t, cfg.max_target, derive_seed(cfg.seed, "target", n)), p, behavior,
-                            cfg.grad.temperature) for t, p, n in zip(target_tables, targets, tnames)]
-    grad_cfg = loss_of(cfg, prep)  # the pool's; each target set is scored at its own temperature
-    cfg = dataclasses.replace(cfg, grad=grad_cfg)
-    names = select_params(policy.model, grad_cfg.params)
-    if cfg.projector == "kron":  # features cover Linear/Embedding weights only: score and check those alone
+                            cfg.grad.temperature) for t, p, n in zip(inputs.target_tables, inputs.targets, inputs.names)]
+    return prep, target_preps
+
+
+def make_projection(policy, cfg: ScoreConfig):
+    """(selected parameter names, projector, cfg with the k and gradient path that run, grad_path
+    record {requested, ran, why}). The kron projector covers Linear/Embedding weights only, so
+    those alone are scored and checked."""
+    names = select_params(policy.model, cfg.grad.params)
+    projector = None
+    if cfg.projector == "kron":
         projector = kron.KronProjector(policy.model, names, cfg.k, cfg.seed, dist=cfg.dist, device=policy.device)
         names = projector.names
     d = param_dim(policy.model, names)
     if cfg.projector not in ("identity", "kron") and cfg.k > d:
         raise schema.InputError("--k", None, None, f"{cfg.k} is more than the {d} dimensions of the selected parameters "
-                                f"({grad_cfg.params}): pass --k {d} or less, or --projector identity for exact gradients")
+                                f"({cfg.grad.params}): pass --k {d} or less, or --projector identity for exact gradients")
     k = d if cfg.projector == "identity" else projector.k if cfg.projector == "kron" else cfg.k
     path, why = choose_grad_path(cfg, policy.model, d)
-    requested_path, cfg = cfg.grad_path, dataclasses.replace(cfg, k=k, grad_path=path)
-    if cfg.projector != "kron":
+    grad_path = {"requested": cfg.grad_path, "ran": path, "why": why}
+    cfg = dataclasses.replace(cfg, k=k, grad_path=path)
+    if projector is None:
         projector = make_projector(cfg.projector, d, k, cfg.seed, density=cfg.density, s=cfg.s, dist=cfg.dist,
                                    device=policy.device)
+    return names, projector, cfg, grad_path
+
+
+def reward_std(table: pa.Table) -> float:
+    """Std (n − 1) of every reward of the pool (``adv_std: batch``); 0 with fewer than two."""
     all_rewards = np.concatenate([np.asarray(r, dtype=np.float64) for r in table.column("rewards").to_pylist()])
-    pool_std = float(all_rewards.std(ddof=1)) if all_rewards.size > 1 else 0.0
-    store_meta = {
+    return float(all_rewards.std(ddof=1)) if all_rewards.size > 1 else 0.0
+
+
+def features_meta(model, behavior_model, policy, behavior, inputs: Inputs, names, projector, cfg: ScoreConfig,
+                  grad_path: dict) -> dict:
+    """What every features store of this run records (and resumes only with)."""
+    return {
         "model": model,
         "checkpoint": policy.path,
         "fingerprint": models.fingerprint(policy.model),
-        "params": grad_cfg.params,
-        "n_params": d,
-        "loss": grad_cfg.to_dict(),
+        "params": cfg.grad.params,
+        "n_params": param_dim(policy.model, names),
+        "loss": cfg.grad.to_dict(),
         "projector": projector.meta(),
         "dtype": cfg.feature_dtype,
         "compute_dtype": str(next(policy.model.parameters()).dtype).removeprefix("torch."),
         "loss_scale": "fp16: weights x 2^16, backed off by 2^4 while a batch overflows, results divided back"
         if is_fp16(policy) else None,
-        "grad_path": {"requested": requested_path, "ran": path, "why": why},
+        "grad_path": grad_path,
         "grad_checkpointing": cfg.grad_checkpointing,
         "adapter": None if not cfg.adapter else {"path": str(cfg.adapter), "gradients": "adapter parameters only"},
         "shard_size": cfg.shard_size,
-        "behavior": "stored" if behavior is None and "behavior_logprobs" in table.column_names
+        "behavior": "stored" if behavior is None and "behavior_logprobs" in inputs.table.column_names
         else (behavior_model or "on-policy (current model)"),
     }
-    traj_sha = schema.content_sha256(traj_path)
-    target_shas = [schema.content_sha256(p) for p in targets]
-    mine = lambda n: sum(min(cfg.shard_size, n - c * cfg.shard_size) for c in range(rank, (n + cfg.shard_size - 1) // cfg.shard_size, world))  # noqa: E731
-    bar = progress(total=mine(len(prep.ids)) + sum(mine(len(tp.ids)) for tp in target_preps),
-                   desc="score" if world == 1 else f"score rank {rank}", unit="prompt")
-    target_means = {}
-    for name, tp, path, sha in zip(tnames, target_preps, targets, target_shas):
-        tm = {**store_meta, "loss": loss_of(cfg, tp).to_dict(), "source": str(Path(path).resolve()), "source_sha256": sha,
+
+
+def _rows_of_rank(n: int, shard_size: int, rank: int, world: int) -> int:
+    """How many of n prompts fall in this rank's shards (shard c belongs to rank c % world)."""
+    return sum(min(shard_size, n - c * shard_size) for c in range(rank, (n + shard_size - 1) // shard_size, world))
+
+
+def target_set_means(policy, target_preps: list[Prepared], inputs: Inputs, out: Path, names, projector, cfg: ScoreConfig,
+                     store_meta: dict, **store_kw) -> dict[str, np.ndarray]:
+    """Each target set's store (OUT/targets/<name>/, its loss at its own temperature) and its mean
+    projected gradient ḡ_V over the prompts with a signal [k] float64, summed over the ranks."""
+    means = {}
+    for name, tp, path, sha in zip(inputs.names, target_preps, inputs.targets, inputs.target_sha256):
+        tm = {**store_meta, "loss": loss_of(cfg, tp).to_dict(), "source": str(path.resolve()), "source_sha256": sha,
               "max_target": cfg.max_target}
-        s, n_ok = compute_store(policy, tp, out / "targets" / name, names, projector, cfg, tm, resume=resume,
-                                rank=rank, world=world, pool_std=pool_std, bar=bar)
+        s, n_ok = compute_store(policy, tp, out / "targets" / name, names, projector, cfg, tm, **store_kw)
         acc = all_reduce_sum(torch.from_numpy(np.append(s, n_ok)))
         n_ok = int(acc[-1])
         if n_ok == 0:
             raise schema.InputError(path, None, "rewards", "no target prompt has a learning signal (all groups have equal rewards)")
-        target_means[name] = (acc[:-1] / n_ok).numpy()
-    pm = {**store_meta, "source": str(traj_path.resolve()), "source_sha256": traj_sha}
-    compute_store(policy, prep, out / "features", names, projector, cfg, pm, resume=resume, rank=rank, world=world,
-                  pool_std=pool_std, bar=bar)
-    bar.close()
-    barrier()
-    if rank != 0:
-        return {}
-    for name, tp in zip(tnames, target_preps):
+        means[name] = (acc[:-1] / n_ok).numpy()
+    return means
+
+
+def finish_scores(out: Path, inputs: Inputs, prep: Prepared, target_preps: list[Prepared], target_means: dict,
+                  cfg: ScoreConfig) -> pa.Table:
+    """Merge every store's shard indexes and write OUT/scores.parquet (rank 0, all shards done)."""
+    for name, tp in zip(inputs.names, target_preps):
         F.finalize(out / "targets" / name, (len(tp.ids) + cfg.shard_size - 1) // cfg.shard_size)
     index = F.finalize(out / "features", (len(prep.ids) + cfg.shard_size - 1) // cfg.shard_size)
-    scores = write_scores(out, table, index, target_means, cfg.combine)
-    elapsed = time.time() - t0
-    meta = {
+    return write_scores(out, inputs.table, index, target_means, cfg.combine)
+
+
+def run_meta(store_meta: dict, inputs: Inputs, cfg: ScoreConfig, scores: pa.Table, *, n_prompts: int, seconds: float,
+             world: int) -> dict:
+    """OUT/meta.json: the stores' settings, the inputs by path and sha256, every setting, status
+    counts and timing."""
+    return {
         **store_meta,
-        "trajectories": str(traj_path.resolve()),
-        "trajectories_sha256": traj_sha,
-        "targets": {n: str(Path(p).resolve()) for n, p in zip(tnames, targets)},
-        "targets_sha256": dict(zip(tnames, target_shas)),
-        "config": {**{k: v for k, v in cfg.__dict__.items() if k != "grad"}, "grad": grad_cfg.to_dict()},
+        "trajectories": str(inputs.pool.resolve()),
+        "trajectories_sha256": inputs.pool_sha256,
+        "targets": {n: str(p.resolve()) for n, p in zip(inputs.names, inputs.targets)},
+        "targets_sha256": dict(zip(inputs.names, inputs.target_sha256)),
+        "config": {**{k: v for k, v in cfg.__dict__.items() if k != "grad"}, "grad": cfg.grad.to_dict()},
         "seed": cfg.seed,
-        "pool_size": table.num_rows,
+        "pool_size": inputs.table.num_rows,
         "status": schema.summarize(scores, "scores")["status"],
-        "seconds": round(elapsed, 2),
-        "prompts_per_s": round((len(prep.ids) + sum(len(t.ids) for t in target_preps)) / max(elapsed, 1e-9), 2),
+        "seconds": round(seconds, 2),
+        "prompts_per_s": round(n_prompts / max(seconds, 1e-9), 2),
         "world_size": world,
     }
-    if cfg.check_rank:
-        meta["check_rank"] = check_rank(policy, prep, target_preps, scores, names, cfg, pool_std)
-    if cfg.check_influence:
-        meta["check_influence"] = check_influence(policy, prep, target_preps, scores, names, cfg, pool_std)
-    schema.write_json_atomic(meta, out / "meta.json")
-    return meta
 
 
 def write_scores(out: Path, table: pa.Table, index: pa.Table, target_means: dict, method: str) -> pa.Table:
