@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo validate test test-slow bench lint clean
+.PHONY: setup demo validate calibrate test test-slow bench lint clean
 
 $(VENV)/.ok: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -28,13 +28,20 @@ demo: setup
 	$(VENV)/bin/cropi run configs/tiny.yaml
 
 # The selection study (configs/validate.yaml): data and θ_0's scores once, then one process per
-# seed (one thread each: the tiny model gains nothing from more), then the table over all seeds.
+# seed, two at a time (one thread each: the tiny model gains nothing from more), then the table.
 VALIDATE := OMP_NUM_THREADS=1 $(VENV)/bin/cropi run configs/validate.yaml
 validate: setup
 	$(VALIDATE) --method cropi-norescore --seed 0
-	$(VALIDATE) --seed 0 & a=$$!; $(VALIDATE) --seed 1 & b=$$!; $(VALIDATE) --seed 2 & c=$$!; \
-	  wait $$a && wait $$b && wait $$c
+	printf '%s\n' 0 1 2 3 4 | xargs -P 2 -I{} $(VALIDATE) --seed {}
 	$(VALIDATE)
+
+# The study's calibration (docs/calibration.md): oracle and full data over lr × prompts a step, on
+# the study's data; two processes (one per prompts-a-step value), then the table of all cells.
+CALIBRATE := OMP_NUM_THREADS=1 $(PY) -m pipelines.calibrate configs/validate.yaml --lr 2e-5 --lr 5e-5 --lr 1e-4 --lr 2e-4
+calibrate: setup
+	$(CALIBRATE) --batch 8 --data-only
+	printf '%s\n' 8 32 | xargs -P 2 -I{} $(CALIBRATE) --batch {}
+	$(CALIBRATE) --batch 8 --batch 32
 
 test: setup
 	$(PY) -m pytest -q

@@ -307,8 +307,9 @@ def tasks_make(specs, n, seed, split, out):
 
 @main.command()
 @click.option("--out", type=OutPath(folder=True), default=None, help="Folder [default: the tiny-model cache].")
-@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True,
-              help="Most supervised steps (batches of 32); stops earlier once the pass rate is reached.")
+@click.option("--steps", type=click.IntRange(min=1), default=2500, show_default=True,
+              help="Most supervised steps (batches of 64; the learning rate decays to 0 there); stops "
+                   "earlier once the target family's T=1 accuracy reaches the recipe's band.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild even if the cached model exists.")
 def warmup(out, steps, seed, force):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cropi import models, rewards, schema
+from cropi import models, rewards, schema, tasks
 from cropi.runtime import MAX_NEW_TOKENS, derive_seed, progress
 from cropi.score import target_names as set_names  # one naming rule: eval names == score__<name>
 
@@ -121,6 +121,38 @@ def evaluate(
         "per_task": {t: float(np.mean(v)) for t, v in sorted(per_task.items())},
         "per_prompt": acc.tolist(),
     }
+
+
+def gold_batch(policy: models.Policy, rows: list[dict]):
+    """Each prompt followed by its canonical gold response ``"Answer: <answer>"`` + EOS, the
+    response the verifier accepts and the warm-up teaches: `models.pack` output (input_ids [N, T]
+    long, attention_mask [N, T] long, response_mask [N, T] bool)."""
+    eos = policy.tokenizer.eos_token_id
+    prompt_ids = models.encode_prompts(policy, [r["prompt"] for r in rows])
+    gold = [policy.tokenizer(f"{tasks.ANSWER_PREFIX} {r['answer']}", add_special_tokens=False)["input_ids"] + [eos]
+            for r in rows]
+    return models.pack(prompt_ids, gold, policy.tokenizer.pad_token_id, policy.device)
+
+
+@torch.no_grad()
+def gold_probability(policy: models.Policy, rows: list[dict], *, temperature: float = 1.0,
+                     batch: int = 256) -> dict:
+    """Teacher-forced probability of the canonical gold response, one forward pass per batch.
+
+    p(x) = π_T("Answer: <gold>" + EOS | x) is the chance that one sample at ``temperature`` is
+    exactly that string, so the mean over prompts is a lower bound on the expected accuracy at T
+    (other strings may also pass), with no sampling noise: the held-out metric that small RL
+    effects show in. Returns {"n", "gold_prob": mean p (float), "per_prompt": [p of each row]}.
+    """
+    if not rows:
+        raise ValueError("gold_probability: no prompts")
+    policy.model.eval()
+    probs: list[float] = []
+    for s in range(0, len(rows), batch):
+        ids, attn, rmask = gold_batch(policy, rows[s : s + batch])
+        lp = models.token_logprobs(policy.model, ids, attn, temperature=temperature)
+        probs += torch.exp((lp * rmask).sum(-1).double()).tolist()
+    return {"n": len(rows), "gold_prob": float(np.mean(probs)), "per_prompt": probs}
 
 
 def run_eval(

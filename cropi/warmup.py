@@ -1,9 +1,13 @@
-"""Warm up the tiny default policy: a short supervised run on task solutions.
+"""Warm up the tiny default policy: a short supervised run on task solutions, stopped where RL
+can still improve it.
 
-A randomly initialised model solves nothing, so RL on it has no reward signal. The warm-up
-trains the tiny model on ``prompt -> "Answer: <gold>"`` pairs from the default task families
-(a seed disjoint from the pools') until its pass rate at temperature 1 on the default training
-pool reaches ``target`` (within the 15-70 % band the product needs), or ``max_steps``.
+A randomly initialised model solves nothing, so RL on it has no reward signal; a fully trained
+one leaves RL nothing to do. On a model this small GRPO mostly turns what the model gets right
+greedily into what it gets right when sampling at T = 1 (RL-Wall, arXiv 2505.22756), so the
+warm-up trains on ``prompt -> "Answer: <gold>" + EOS`` from a few families with large prompt
+spaces (seeds disjoint from every pool's) and stops at the first evaluation where, on the target
+family, T = 1 accuracy has reached ``stop_t1`` and greedy accuracy is at least ``stop_gap``
+above it. Each evaluation records greedy and T = 1 accuracy per family on its test split.
 """
 
 from __future__ import annotations
@@ -14,61 +18,62 @@ from pathlib import Path
 
 import torch
 
-from cropi import models, rewards, tasks
+from cropi import models, tasks
+from cropi.evaluate import evaluate, gold_batch
 from cropi.runtime import derive_seed, progress
 
-# Every default family at every level the task suite offers for it (a superset of the pools).
-WARMUP_SPECS = (
-    *(f"{t}:difficulty={d}" for t in ("basic_arithmetic", "chain_sum", "count_bits", "spell_backward") for d in (0, 1, 2)),
-    *(f"simple_equations:difficulty={d}" for d in (0, 1)),
-    *(tasks.COMPLEX_ADD_SUB.format(d) for d in (0, 1, 2)),
-)
-
-
-def sft_batch(policy: models.Policy, rows: list[dict]):
-    """Tokens for supervised steps: input_ids, attention_mask, and the mask of answer tokens."""
-    eos = policy.tokenizer.eos_token_id
-    prompt_ids = models.encode_prompts(policy, [r["prompt"] for r in rows])
-    answer_ids = [policy.tokenizer(f"{tasks.ANSWER_PREFIX} {r['answer']}", add_special_tokens=False)["input_ids"] + [eos]
-                  for r in rows]
-    return models.pack(prompt_ids, answer_ids, policy.tokenizer.pad_token_id, policy.device)
+# The families of the embedded default: a target family (one-digit + and -), two that share its
+# skill in other words, and two that do not. Each has thousands of distinct prompts.
+TARGET_SPEC = "basic_arithmetic:difficulty=0"
+RELATED_SPECS = ("chain_sum:difficulty=0", "chain_sum:difficulty=1")
+UNRELATED_SPECS = ("count_bits:difficulty=0", "spell_backward:difficulty=0")
+WARMUP_SPECS = (TARGET_SPEC, *RELATED_SPECS, *UNRELATED_SPECS)
 
 
 def sft_loss(policy: models.Policy, rows: list[dict]) -> torch.Tensor:
-    """Mean negative log-likelihood of the gold answer tokens."""
-    ids, attn, rmask = sft_batch(policy, rows)
+    """Mean negative log-likelihood of the gold response tokens (a scalar)."""
+    ids, attn, rmask = gold_batch(policy, rows)
     lp = models.token_logprobs(policy.model, ids, attn)
     return -(lp * rmask).sum() / rmask.sum()
 
 
-@torch.no_grad()
-def pass_rate(policy: models.Policy, rows: list[dict], *, seed: int = 0, max_new_tokens: int = 24,
-              temperature: float = 1.0) -> float:
-    """Fraction of rows solved by one sample each at ``temperature``."""
-    policy.model.eval()
-    g = torch.Generator().manual_seed(seed)
-    resp = models.sample(policy, models.encode_prompts(policy, [r["prompt"] for r in rows]),
-                         temperature=temperature, max_new_tokens=max_new_tokens, generator=g)
-    rew = rewards.rewards(models.decode_responses(policy, resp), rows)
-    return sum(r >= 0.5 for r in rew) / len(rows)
+def family_accuracy(policy: models.Policy, sets: dict[str, list[dict]], *, seed: int,
+                    samples: int = 4, max_new_tokens: int = 24) -> dict:
+    """{spec: {"greedy": accuracy, "t1": mean accuracy over ``samples`` samples at T = 1}}."""
+    out = {}
+    for spec, rows in sets.items():
+        greedy = evaluate(policy, rows, temperature=0.0, max_new_tokens=max_new_tokens)["accuracy"]
+        t1 = evaluate(policy, rows, n_samples=samples, temperature=1.0, max_new_tokens=max_new_tokens,
+                      seed=derive_seed(seed, "warmup-eval", spec))["accuracy"]
+        out[spec] = {"greedy": round(greedy, 4), "t1": round(t1, 4)}
+    return out
 
 
-def warmup(out=None, *, seed: int = 0, max_steps: int = 1500, batch_size: int = 32, lr: float = 3e-3,
-           target: float = 0.3, eval_every: int = 50, n_per_spec: int = 400, eval_n: int = 128,
-           specs: list[str] | None = None) -> dict:
-    """Build the tiny model, train it until its pass rate on the default pool reaches ``target``,
-    save it (with ``cropi.json`` recording what was reached) and return that info."""
+def warmup(out=None, *, seed: int = 0, max_steps: int = 2500, batch_size: int = 64, lr: float = 2e-3,
+           warmup_steps: int = 100, eval_every: int = 250, eval_n: int = 100,
+           stop_t1: float = 0.3, stop_gap: float = 0.08, specs: list[str] | None = None,
+           target: str = TARGET_SPEC, n_per_spec: int = 2000) -> dict:
+    """Build the tiny model, train it by supervised steps until the stop rule holds (or
+    ``max_steps``), save it with ``cropi.json`` (recipe, per-family greedy and T = 1 accuracy at
+    every evaluation, where it stopped) and return that info.
+
+    Schedule: AdamW at ``lr``, linear warm-up over ``warmup_steps``, then linear decay to 0 at
+    ``max_steps``. Evaluation: ``eval_n`` test-split prompts per family every ``eval_every`` steps.
+    """
     out = Path(out) if out is not None else models.tiny_path()
     specs = list(specs or WARMUP_SPECS)
+    if target not in specs:
+        raise ValueError(f"warm-up target {target!r} is not one of the warm-up specs")
     t0 = time.time()
     tok = models.build_tiny_tokenizer()
     policy = models.Policy(models.build_tiny_model(tok, seed=seed), tok, models.TINY, str(out))
     train_rows = tasks.make_pool(specs, n_per_spec, derive_seed(seed, "warmup"), "train").to_pylist()
-    eval_rows = tasks.make_pool(specs, max(1, eval_n // len(specs)), 0, "train").to_pylist()
+    eval_sets = {s: tasks.make_pool([s], eval_n, derive_seed(seed, "warmup-eval"), "test").to_pylist() for s in specs}
     opt = torch.optim.AdamW(policy.model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup_steps, max(0.0, (max_steps - s) / (max_steps - warmup_steps))))
     g = torch.Generator().manual_seed(derive_seed(seed, "warmup-order"))
-    history, rate, step, best = [], 0.0, 0, 0.0
+    history, stopped = [], False
     bar = progress(total=max_steps, desc="warmup", unit="step")
     for step in range(1, max_steps + 1):
         policy.model.train()
@@ -80,27 +85,28 @@ def warmup(out=None, *, seed: int = 0, max_steps: int = 1500, batch_size: int = 
         opt.step()
         sched.step()
         bar.update(1)
-        if step % eval_every == 0:
-            rate = pass_rate(policy, eval_rows, seed=step)
-            history.append({"step": step, "loss": round(loss.item(), 4), "pass_rate": round(rate, 4)})
-            bar.set_postfix(loss=f"{loss.item():.3f}", pass_rate=f"{rate:.2f}")
-            if rate >= target:
+        if step % eval_every == 0 or step == max_steps:
+            acc = family_accuracy(policy, eval_sets, seed=seed)
+            history.append({"step": step, "loss": round(loss.item(), 4), "accuracy": acc})
+            tgt = acc[target]
+            bar.set_postfix(loss=f"{loss.item():.3f}", greedy=tgt["greedy"], t1=tgt["t1"])
+            if tgt["t1"] >= stop_t1 and tgt["greedy"] >= tgt["t1"] + stop_gap:
+                stopped = True
                 break
-            if rate >= 0.15 and rate > best:  # in the product's band: keep it should a later step be worse or the run be cut
-                best = rate
-                models.save(policy.model, tok, out, {"kind": models.TINY, "partial": True, "steps": step, "pass_rate": round(rate, 4),
-                                                     "model_config": models.TINY_CONFIG, "chars": models.TINY_CHARS})
     bar.close()
     policy.model.eval()
     info = {
         "kind": models.TINY,
         "model_config": models.TINY_CONFIG,
         "chars": models.TINY_CHARS,
-        "seed": seed,
+        "parameters": sum(p.numel() for p in policy.model.parameters()),
+        "recipe": {"seed": seed, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
+                   "warmup_steps": warmup_steps, "eval_every": eval_every, "eval_n": eval_n,
+                   "stop_t1": stop_t1, "stop_gap": stop_gap, "specs": specs, "target": target,
+                   "n_per_spec": n_per_spec},
         "steps": step,
-        "pass_rate": round(rate, 4),
-        "target": target,
-        "specs": specs,
+        "stopped_by_rule": stopped,
+        "accuracy": history[-1]["accuracy"] if history else {},
         "seconds": round(time.time() - t0, 1),
         "history": history,
     }

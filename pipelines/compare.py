@@ -26,20 +26,31 @@ BOOTSTRAP = 2000  # resamples of (seeds, prompts) per interval
 CI = 0.95
 
 
-def read_curves(run_dir: Path) -> dict:
-    """From RUN/metrics.jsonl: steps, targeted accuracy (mean over *_test sets), held-out accuracy
-    (mean over the other families' sets), rollouts (responses generated) and training seconds."""
+# The held-out metrics: the teacher-forced probability of the gold response (no sampling noise;
+# a lower bound on expected accuracy at T = 1) and sampled accuracy. Keys: metrics row suffix,
+# per-prompt key in RUN/eval/step-N.json, label.
+METRICS = {
+    "gold": ("_gold", "gold_per_prompt", "gold-response probability at T=1"),
+    "accuracy": ("", "per_prompt", "sampled accuracy"),
+}
+
+
+def read_curves(run_dir: Path, metric: str = "accuracy") -> dict:
+    """From RUN/metrics.jsonl: steps, targeted ``metric`` (mean over *_test sets), held-out
+    ``metric`` (mean over the other families' sets), rollouts (responses generated) and training
+    seconds. Eval rows without the metric (runs from before it existed) give None."""
     import yaml
 
+    suffix = METRICS[metric][0]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     group = int((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("train", {}).get("group_size", 1))
     evals = [r for r in rows if r.get("event") == "eval"]
     train = [r for r in rows if r.get("event") == "train"]
     steps, target, heldout = [], [], []
     for r in evals:
-        sets = {**r.get("target", {}), **r.get("heldout", {})}
+        sets = {**r.get("target" + suffix, {}), **r.get("heldout" + suffix, {})}
         tgt = [v for k, v in sets.items() if k.endswith("_test")]
-        other = [v for k, v in r.get("heldout", {}).items() if not k.endswith("_test")]
+        other = [v for k, v in r.get("heldout" + suffix, {}).items() if not k.endswith("_test")]
         steps.append(int(r["step"]))
         target.append(float(np.mean(tgt)) if tgt else None)
         heldout.append(float(np.mean(other)) if other else None)
@@ -53,9 +64,10 @@ def read_curves(run_dir: Path) -> dict:
     }
 
 
-def per_prompt(run_dir: Path, step: int) -> dict:
-    """{"targeted" | "gradient" | <other set name>: per-prompt accuracies [N] at eval ``step``}
+def per_prompt(run_dir: Path, step: int, metric: str = "accuracy") -> dict:
+    """{"targeted" | "gradient" | <other set name>: per-prompt ``metric`` [N] at eval ``step``}
     from RUN/eval/step-N.json (sets evaluated without per-prompt results are left out)."""
+    key = METRICS[metric][1]
     path = run_dir / "eval" / f"step-{step}.json"
     if not path.exists():
         return {}
@@ -64,14 +76,14 @@ def per_prompt(run_dir: Path, step: int) -> dict:
     tests = []
     for group in ("target", "heldout"):
         for name, res in ev.get(group, {}).items():
-            if "per_prompt" not in res:
+            if key not in res:
                 continue
             if name.endswith("_test"):
-                tests += res["per_prompt"]
+                tests += res[key]
             elif group == "target":
-                out.setdefault("gradient", []).extend(res["per_prompt"])
+                out.setdefault("gradient", []).extend(res[key])
             else:
-                out[name] = res["per_prompt"]
+                out[name] = res[key]
     if tests:
         out["targeted"] = tests
     return out
@@ -136,18 +148,16 @@ def _matrix(rows: list[dict], key: str) -> np.ndarray | None:
     return np.array(vals, dtype=np.float64)
 
 
-def summarize(root: Path, runs: dict) -> dict:
-    """runs: {method: [method-seed dirs]} -> the comparison dict (also written to ROOT)."""
-    root = Path(root)
-    families = target_families(root)
-    out: dict = {"target_families": sorted(families), "bootstrap": {"resamples": BOOTSTRAP, "level": CI,
-                 "over": "seeds and prompts; differences paired by seed (same seed, same prompts)"}, "methods": {}}
-    full = {Path(d).name.rsplit("-s", 1)[1]: read_curves(Path(d) / "run") for d in runs.get("full", [])}
+def summarize_metric(runs: dict, families: set[str], metric: str) -> dict:
+    """runs: {method: [method-seed dirs]} -> {"methods": per method its seeds' figures and the
+    bootstrap intervals, "full_gain"} for one held-out ``metric`` (a key of METRICS)."""
+    out: dict = {"metric": metric, "label": METRICS[metric][2], "methods": {}}
+    full = {Path(d).name.rsplit("-s", 1)[1]: read_curves(Path(d) / "run", metric) for d in runs.get("full", [])}
     finals: dict = {}
     for m, dirs in runs.items():
         rows = []
         for d in map(Path, dirs):
-            c = read_curves(d / "run")
+            c = read_curves(d / "run", metric)
             seed = d.name.rsplit("-s", 1)[1]
             done = d / "done.json"
             ref = full.get(seed)
@@ -168,8 +178,8 @@ def summarize(root: Path, runs: dict) -> dict:
                 "selection": selection_shares(d / "curriculum", families),
                 "curves": c,
             })
-            finals.setdefault(m, {})[int(seed)] = (per_prompt(d / "run", c["steps"][-1]) if c["steps"] else {},
-                                                   per_prompt(d / "run", c["steps"][0]) if c["steps"] else {})
+            finals.setdefault(m, {})[int(seed)] = (per_prompt(d / "run", c["steps"][-1], metric) if c["steps"] else {},
+                                                   per_prompt(d / "run", c["steps"][0], metric) if c["steps"] else {})
         out["methods"][m] = {"seeds": rows}
     ref = finals.get("cropi", {})
     for m, d in out["methods"].items():
@@ -200,6 +210,17 @@ def summarize(root: Path, runs: dict) -> dict:
                  if r["final_target"] is not None and r["initial_target"] is not None]
         sd = float(np.std(gains, ddof=1)) if len(gains) > 1 else None
         out["full_gain"] = {"mean": fg["mean"], "seed_sd": sd, "ratio": fg["mean"] / sd if sd else None}
+    return out
+
+
+def summarize(root: Path, runs: dict) -> dict:
+    """runs: {method: [method-seed dirs]} -> the comparison dict, one block per held-out metric
+    under "metrics" (also written to ROOT: comparison.json, .md, .png)."""
+    root = Path(root)
+    families = target_families(root)
+    out: dict = {"target_families": sorted(families), "bootstrap": {"resamples": BOOTSTRAP, "level": CI,
+                 "over": "seeds and prompts; differences paired by seed (same seed, same prompts)"},
+                 "metrics": {m: summarize_metric(runs, families, m) for m in METRICS}}
     meta0 = root / "data" / "scores-stage-0" / "meta.json"
     if meta0.exists() and "check_influence" in (m0 := json.loads(meta0.read_text())):
         out["check_influence"] = m0["check_influence"]  # θ_0's scores: does the score predict a step's effect?
@@ -244,12 +265,26 @@ def _ci(c: dict | None, signed: bool = False) -> str:
 
 
 def table(comp: dict) -> str:
-    """Markdown: one row per method. Intervals are 95 % bootstrap over seeds and prompts."""
-    methods = comp["methods"]
+    """Markdown: one table per held-out metric, then the influence check. Intervals are 95 %
+    bootstrap over seeds and prompts."""
+    parts = [f"**{b['label']}** (targeted = the target families' test split)\n\n{metric_table(b)}"
+             for b in comp["metrics"].values()]
+    ci = comp.get("check_influence")
+    if ci:
+        parts.append(f"check-influence (θ_0, {ci['n']} pool prompts; Spearman of the scores [exact cosines] against the "
+                     "measured change of the target objective): "
+                     + "; ".join(f"{st['rule']} step {st['step']:g}: {st['spearman']:.2f} [{st['spearman_exact']:.2f}]"
+                                 for st in ci["steps"]))
+    return "\n\n".join(parts)
+
+
+def metric_table(block: dict) -> str:
+    """Markdown of one metric block: one row per method."""
+    methods = block["methods"]
     has_full = "full" in methods
     others = sorted({k for d in methods.values() for k in d.get("ci", {})} - {"targeted", "gradient", "gain", "minus_cropi"})
-    head = (["method", "targeted acc. [95 % CI]", "minus cropi (paired) [95 % CI]", "gain over step 0 [95 % CI]"]
-            + [f"{k} acc." for k in others]
+    head = (["method", "targeted [95 % CI]", "minus cropi (paired) [95 % CI]", "gain over step 0 [95 % CI]"]
+            + list(others)
             + ["target-gradient prompts", "target share per stage", "steps to full-data final", "rollouts", "wall s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, d in methods.items():
@@ -271,37 +306,43 @@ def table(comp: dict) -> str:
                + [_ci(ci.get("gradient")), share, reach, str(int(np.mean([r["rollouts"] for r in s]))),
                   f"{np.mean([r['wall_seconds'] or 0 for r in s]):.0f}"])
         lines.append("| " + " | ".join(row) + " |")
-    fg = comp.get("full_gain")
+    fg = block.get("full_gain")
     if fg and fg.get("ratio") is not None:
         lines.append(f"\nfull-data targeted gain {fg['mean']:+.3f}, seed-to-seed sd {fg['seed_sd']:.3f} "
-                     f"(ratio {fg['ratio']:.1f}); target families: {', '.join(comp.get('target_families', []))}")
-    ci = comp.get("check_influence")
-    if ci:
-        lines.append(f"\ncheck-influence (θ_0, {ci['n']} pool prompts; Spearman of the scores [exact cosines] against the "
-                     "measured change of the target objective): "
-                     + "; ".join(f"{st['rule']} step {st['step']:g}: {st['spearman']:.2f} [{st['spearman_exact']:.2f}]"
-                                 for st in ci["steps"]))
+                     f"(ratio {fg['ratio']:.1f})")
     return "\n".join(lines)
 
 
 def plot(comp: dict, path: Path) -> None:
+    """One row of panels per held-out metric: targeted metric against steps (mean over seeds, band
+    = min..max) and its final value with the 95 % interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    blocks = list(comp["metrics"].values())
+    fig, axes = plt.subplots(len(blocks), 2, figsize=(12, 4.5 * len(blocks)), gridspec_kw={"width_ratios": [3, 2]},
+                             squeeze=False)
+    for (ax, bx), block in zip(axes, blocks):
+        _plot_metric(ax, bx, block)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_metric(ax, bx, block: dict) -> None:
     names, means, errs, colors = [], [], [], []
-    for m, d in comp["methods"].items():
-        cs = [r["curves"] for r in d["seeds"] if r["curves"]["steps"]]
+    for m, d in block["methods"].items():
+        cs = [r["curves"] for r in d["seeds"] if r["curves"]["steps"] and None not in r["curves"]["target"]]
         if not cs:
             continue
         n = min(len(c["steps"]) for c in cs)
         steps = np.array(cs[0]["steps"][:n])
-        acc = np.array([[np.nan if v is None else v for v in c["target"][:n]] for c in cs], dtype=float)
-        (line,) = ax.plot(steps, np.nanmean(acc, 0), marker="o", ms=3, label=f"{m} (n={len(cs)})",
+        acc = np.array([c["target"][:n] for c in cs], dtype=float)
+        (line,) = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{m} (n={len(cs)})",
                           lw=2.2 if m == "cropi" else 1.4)
-        ax.fill_between(steps, np.nanmin(acc, 0), np.nanmax(acc, 0), color=line.get_color(), alpha=0.12)
+        ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.12)
         c = d.get("ci", {}).get("targeted")
         if c:
             names.append(m)
@@ -309,18 +350,15 @@ def plot(comp: dict, path: Path) -> None:
             errs.append([c["mean"] - c["lo"], c["hi"] - c["mean"]])
             colors.append(line.get_color())
     ax.set_xlabel("training step (same batch × group for every method)")
-    ax.set_ylabel("targeted accuracy (target families' test split)")
+    ax.set_ylabel(f"targeted {block['label']}")
     ax.set_title("mean over seeds, band = min..max")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if names:
         bx.barh(names, means, xerr=np.array(errs).T, color=colors, alpha=0.8, capsize=3)
         bx.invert_yaxis()
-        bx.set_xlabel("final targeted accuracy, 95 % CI (bootstrap: seeds × prompts)")
+        bx.set_xlabel("final, 95 % CI (bootstrap: seeds × prompts)")
         bx.grid(alpha=0.3, axis="x")
-        bx.set_title("final targeted accuracy")
+        bx.set_title(f"final targeted {block['label']}")
     else:
         bx.remove()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

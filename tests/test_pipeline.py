@@ -64,7 +64,10 @@ def test_cropi_run_smoke(tmp_path, tiny_policy):
     assert resolved["rollout"] == {"n": 4, "temperature": 1.0, "max_new_tokens": 12}
     assert resolved["train"]["lr"] == 1e-4 and resolved["compare"]["seeds"] == [0]
     comp = json.loads((root / "comparison.json").read_text())
-    assert set(comp["methods"]) == {"full", "random", "cropi"}
+    assert set(comp["metrics"]) == {"gold", "accuracy"}
+    for block in comp["metrics"].values():
+        assert set(block["methods"]) == {"full", "random", "cropi"}
+        assert all(r["final_target"] is not None for d in block["methods"].values() for r in d["seeds"])
     assert (root / "comparison.png").stat().st_size > 1000
     assert "| cropi |" in (root / "comparison.md").read_text()
     # re-running a finished comparison skips everything and gives the same table

@@ -122,9 +122,10 @@ def test_strict_json_and_table_without_full(tmp_path):
     compare.write_json_strict({"a": float("nan"), "b": [np.float64(1.5), float("inf")], "c": np.int64(2)}, tmp_path / "x.json")
     text = (tmp_path / "x.json").read_text()
     assert json.loads(text) == {"a": None, "b": [1.5, None], "c": 2} and "NaN" not in text
-    comp = {"methods": {"cropi": {"seeds": [{"final_target": 0.2, "steps_to_full_final": None, "total_steps": 4,
-                                            "rollouts": 8, "wall_seconds": 1.0}], "ci": {}, "target_share": [0.5, 0.25]}}}
-    t = compare.table(comp)
+    block = {"label": "sampled accuracy", "methods": {"cropi": {"seeds": [{"final_target": 0.2, "steps_to_full_final": None,
+             "total_steps": 4, "rollouts": 8, "wall_seconds": 1.0}], "ci": {}, "target_share": [0.5, 0.25]}}}
+    t = compare.table({"metrics": {"accuracy": block}})
+    assert t.startswith("**sampled accuracy**")
     assert "n/a (no full run)" in t and "not reached" not in t and "0.50 / 0.25" in t
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from cropi import models, schema
-from cropi.evaluate import evaluate
+from cropi.evaluate import evaluate, gold_probability
 from cropi.runtime import derive_seed, verbosity
 from cropi.train.config import TrainConfig
 
@@ -19,20 +19,14 @@ def eval_now(
     policy: models.Policy, sets: dict, cfg: TrainConfig, step: int, stage: int, run_dir: Path
 ) -> dict:
     """Accuracy on every eval set: greedy, or the mean pass rate of `eval_samples` responses at
-    `eval_temperature`. The sampling seed depends on the set, not the step (common random
-    numbers: successive evals differ by the policy's change, not by sampling noise). Full
-    results go to RUN/eval/step-N.json; returns the metrics row."""
+    `eval_temperature`; beside it the teacher-forced probability of the gold response at T = 1
+    (`evaluate.gold_probability`: no sampling noise). The sampling seed depends on the set, not
+    the step (common random numbers: successive evals differ by the policy's change, not by
+    sampling noise). Full results go to RUN/eval/step-N.json; returns the metrics row."""
     t0 = time.time()
     full = {
         group: {
-            name: evaluate(
-                policy,
-                rows,
-                n_samples=cfg.eval_samples,
-                temperature=cfg.eval_temperature,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=derive_seed(cfg.seed, "eval", group, name),
-            )
+            name: _eval_set(policy, rows, cfg, derive_seed(cfg.seed, "eval", group, name))
             for name, rows in named.items()
         }
         for group, named in sets.items()
@@ -45,8 +39,17 @@ def eval_now(
         "step": step,
         "stage": stage,
         **{group: {name: r["accuracy"] for name, r in res.items()} for group, res in full.items()},
+        **{f"{group}_gold": {name: r["gold_prob"] for name, r in res.items()} for group, res in full.items()},
         "seconds": round(time.time() - t0, 3),
     }
+
+
+def _eval_set(policy: models.Policy, rows: list[dict], cfg: TrainConfig, seed: int) -> dict:
+    """`evaluate` of one set plus its gold probability ("gold_prob", "gold_per_prompt")."""
+    res = evaluate(policy, rows, n_samples=cfg.eval_samples, temperature=cfg.eval_temperature,
+                   max_new_tokens=cfg.max_new_tokens, seed=seed)
+    gold = gold_probability(policy, rows)
+    return {**res, "gold_prob": gold["gold_prob"], "gold_per_prompt": gold["per_prompt"]}
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

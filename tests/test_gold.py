@@ -1,0 +1,113 @@
+"""The low-noise held-out metric (teacher-forced probability of the gold response), the warm-up's
+stop rule and recipe record, and the calibration's summary."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cropi import evaluate, models, tasks
+from pipelines import calibrate, compare
+
+ROWS = [{"prompt": "What is 2 + 3?", "answer": "5"}, {"prompt": "Spell cat backward.", "answer": "tac"},
+        {"prompt": "x", "answer": "-12"}]
+
+
+def gold_prob_by_hand(policy, row, temperature=1.0) -> float:
+    """One sequence at a time, no padding: prod_t softmax(logits_t / T)[gold_t] over the gold tokens."""
+    tok = policy.tokenizer
+    prompt = tok(row["prompt"])["input_ids"]
+    gold = tok(f"Answer: {row['answer']}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([prompt + gold])
+    with torch.no_grad():
+        logits = policy.model(input_ids=ids).logits[0].double() / temperature
+    logp = torch.log_softmax(logits, -1)
+    return math.exp(sum(logp[len(prompt) - 1 + j, g].item() for j, g in enumerate(gold)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gold_probability_matches_one_sequence_at_a_time(small_policy, temperature):
+    got = evaluate.gold_probability(small_policy, ROWS, temperature=temperature, batch=2)
+    want = [gold_prob_by_hand(small_policy, r, temperature) for r in ROWS]
+    assert got["per_prompt"] == pytest.approx(want, rel=1e-4)
+    assert got["gold_prob"] == pytest.approx(np.mean(want), rel=1e-4) and got["n"] == 3
+
+
+def test_gold_probability_is_the_chance_a_sample_is_the_gold_string(small_policy):
+    """For a model that puts almost all mass on one string, p(gold) is ≈ 1 when the gold is that
+    string and ≈ 0 otherwise: sharpen the random model until greedy = sample, then compare."""
+    tok = small_policy.tokenizer
+    row = {"prompt": "q", "answer": "7"}
+    greedy = models.sample(small_policy, models.encode_prompts(small_policy, [row["prompt"]]), temperature=0.0,
+                           max_new_tokens=12)[0]
+    text = tok.decode(greedy, skip_special_tokens=True)
+    p_cold = evaluate.gold_probability(small_policy, [row], temperature=1e-3)["gold_prob"]
+    is_gold = text == "Answer: 7" and greedy[-1] == tok.eos_token_id
+    assert (p_cold > 0.99) if is_gold else (p_cold < 1e-6)
+
+
+def test_warmup_records_recipe_and_stops_by_rule(tmp_path, monkeypatch):
+    """The stop rule ends the run at the first evaluation where the target's T=1 accuracy reaches
+    stop_t1 and greedy is stop_gap above it; cropi.json records every evaluation and the recipe."""
+    from cropi import warmup as W
+
+    seen = []
+
+    def fake_accuracy(policy, sets, *, seed, **kw):  # scripted accuracies: stop at the 3rd evaluation
+        i = len(seen)
+        seen.append(i)
+        t1, greedy = [(0.1, 0.3), (0.35, 0.38), (0.35, 0.5)][i]
+        return {s: {"greedy": greedy if s == W.TARGET_SPEC else 0.0, "t1": t1 if s == W.TARGET_SPEC else 0.0}
+                for s in sets}
+
+    monkeypatch.setattr(W, "family_accuracy", fake_accuracy)
+    info = W.warmup(tmp_path / "m", max_steps=50, eval_every=2, batch_size=2, n_per_spec=8, eval_n=2,
+                    stop_t1=0.3, stop_gap=0.08)
+    assert info["steps"] == 6 and info["stopped_by_rule"] and len(info["history"]) == 3
+    saved = json.loads((tmp_path / "m" / "cropi.json").read_text())
+    assert saved["recipe"]["stop_t1"] == 0.3 and saved["recipe"]["target"] == W.TARGET_SPEC
+    assert saved["accuracy"][W.TARGET_SPEC] == {"greedy": 0.5, "t1": 0.35}
+    assert saved["model_config"] == models.TINY_CONFIG and saved["parameters"] == info["parameters"]
+
+
+def test_shipped_tiny_policy_is_in_the_rl_regime():
+    """The committed warm-up result: on the target family T=1 accuracy in 0.15-0.5 and greedy
+    clearly above it (what GRPO on a small model turns into sampled accuracy)."""
+    info = json.loads((models.SHIPPED_TINY / "cropi.json").read_text())
+    acc = info["accuracy"][info["recipe"]["target"]]
+    assert 0.15 <= acc["t1"] <= 0.5 and acc["greedy"] >= acc["t1"] + info["recipe"]["stop_gap"]
+    assert info["model_config"] == models.TINY_CONFIG
+    assert set(info["accuracy"]) == set(info["recipe"]["specs"])
+    for spec in info["recipe"]["specs"]:
+        tasks.parse_task_spec(spec)
+
+
+def test_calibration_summary_by_hand():
+    runs = [{"seed": s, "gold": {"initial": 0.2, "final": 0.2 + g, "gain": g, "heldout_gain": -0.01, "best": 0.3, "steps": 30},
+             "accuracy": {}} for s, g in enumerate([0.03, 0.05, 0.04])]
+    rows = calibrate.summarize([{"lr": 1e-4, "batch": 32, "method": "oracle", "runs": runs}])
+    assert len(rows) == 1  # no sampled-accuracy figures: no row for that metric
+    r = rows[0]
+    assert r["gain"] == pytest.approx(0.04) and r["seed_sd"] == pytest.approx(0.01)  # sample sd of .03 .05 .04
+    assert r["ratio"] == pytest.approx(4.0) and r["heldout_gain"] == pytest.approx(-0.01)
+    t = calibrate.table(rows)
+    assert "| 0.0001 | 32 | oracle | 3 | 0.2000 | +0.0400 ± 0.0100 | 4.0 | -0.0100 |" in t
+
+
+def test_compare_reads_both_metrics(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  group_size: 4\n")
+    rows = [{"event": "eval", "step": s, "target": {"t_test": a, "t": 0.9}, "heldout": {"h": 0.1},
+             "target_gold": {"t_test": g, "t": 0.8}, "heldout_gold": {"h": 0.05}}
+            for s, a, g in [(0, 0.25, 0.10), (5, 0.5, 0.2)]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "eval" / "step-5.json").write_text(json.dumps(
+        {"target": {"t_test": {"per_prompt": [0.5, 0.5], "gold_per_prompt": [0.1, 0.3]}}}))
+    assert compare.read_curves(run, "gold")["target"] == [0.10, 0.2]
+    assert compare.read_curves(run, "accuracy")["target"] == [0.25, 0.5]
+    assert compare.read_curves(run, "gold")["heldout"] == [0.05, 0.05]
+    assert compare.per_prompt(run, 5, "gold") == {"targeted": [0.1, 0.3]}
+    assert compare.per_prompt(run, 5, "accuracy") == {"targeted": [0.5, 0.5]}
