@@ -46,7 +46,7 @@ def pass_rate(policy: models.Policy, rows: list[dict], *, seed: int = 0, max_new
               temperature: float = 1.0) -> float:
     """Fraction of rows solved by one sample each at ``temperature``."""
     policy.model.eval()
-    g = torch.Generator().manual_seed(seed)
+    g = models.generator(policy, seed)
     resp = models.sample(policy, models.encode_prompts(policy, [r["prompt"] for r in rows]),
                          temperature=temperature, max_new_tokens=max_new_tokens, generator=g)
     rew = rewards.rewards(models.decode_responses(policy, resp), rows)

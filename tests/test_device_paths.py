@@ -1,0 +1,100 @@
+"""Device-true paths (issue 22): sampling draws on the model's device with a generator there and
+moves nothing of vocabulary size to the host; check-influence steps in float32 on the parameters'
+device and restores the model (mode, dtype, values) whatever happens. On CUDA (marker gpu) the
+same checks run on the GPU."""
+
+import pytest
+import torch
+
+from cropi import models
+
+CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
+
+
+class HostCopies:
+    """Records every tensor of vocabulary width moved to (or read out on) the host."""
+
+    def __init__(self, monkeypatch, vocab: int):
+        self.seen: list[tuple] = []
+        for name in ("cpu", "tolist", "numpy", "item"):
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name, vocab))
+        to = torch.Tensor.to
+
+        def guarded_to(t, *args, **kwargs):
+            dev = kwargs.get("device", args[0] if args else None)
+            if isinstance(dev, (str, torch.device)) and torch.device(dev).type == "cpu" and t.shape[-1:] == (vocab,):
+                self.seen.append(("to", tuple(t.shape)))
+            return to(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", guarded_to)
+
+    def _wrap(self, fn, name, vocab):
+        def wrapped(t, *args, **kwargs):
+            if t.dim() and t.shape[-1] == vocab:
+                self.seen.append((name, tuple(t.shape)))
+            return fn(t, *args, **kwargs)
+
+        return wrapped
+
+
+def _prompts(policy):
+    return models.encode_prompts(policy, ["1+1=\n", "What is 22*3?\n", "x\n", "7*8=\n"])
+
+
+def test_sampling_never_copies_probabilities_to_the_host(small_policy, monkeypatch):
+    vocab = small_policy.model.config.vocab_size
+    ids = _prompts(small_policy)
+    host = HostCopies(monkeypatch, vocab)
+    out = models.sample(small_policy, ids, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
+    assert len(out) == 4 and host.seen == []
+
+
+def test_sample_draws_with_the_generator_from_the_model_s_probabilities(small_policy):
+    """The first token equals an independent draw: plain forward, softmax, torch.multinomial with a
+    generator seeded the same on the same device."""
+    ids = _prompts(small_policy)[:1]
+    seed = 11
+    first = models.sample(small_policy, ids, max_new_tokens=1, generator=models.generator(small_policy, seed))[0][0]
+    with torch.no_grad():
+        logits = small_policy.model(input_ids=torch.tensor(ids, device=small_policy.device)).logits[:, -1].float()
+    g = torch.Generator(device=small_policy.device).manual_seed(seed)
+    assert first == int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
+
+
+def test_generator_lives_on_the_policy_device(small_policy):
+    g = models.generator(small_policy, 5)
+    assert g.device == small_policy.device and g.initial_seed() == 5
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_gpu_sampling_is_device_true_and_deterministic(small_policy, monkeypatch, device):
+    import copy
+
+    policy = models.Policy(copy.deepcopy(small_policy.model).to(device), small_policy.tokenizer, "tiny-test", "-")
+    ids = _prompts(policy)
+    a = models.sample(policy, ids, max_new_tokens=12, generator=models.generator(policy, 7))
+    with pytest.raises(ValueError, match="generator is on cpu"):
+        models.sample(policy, ids, max_new_tokens=2, generator=torch.Generator().manual_seed(7))
+    host = HostCopies(monkeypatch, policy.model.config.vocab_size)
+    b = models.sample(policy, ids, max_new_tokens=12, generator=models.generator(policy, 7))
+    assert a == b and host.seen == []
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_gpu_callers_sample_on_the_device(small_policy, device):
+    """rollout, eval and warmup's pass rate build their generators on the model's device (a CPU
+    generator with a CUDA model is refused by models.sample)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from cropi import evaluate, rollout, warmup
+
+    rows = [json.loads(x) for x in Path(__file__).with_name("fixtures").joinpath("math_prompts.jsonl")
+            .read_text().splitlines()[:3]]
+    policy = models.Policy(copy.deepcopy(small_policy.model).to(device), small_policy.tokenizer, "tiny-test", "-")
+    out = rollout.rollout_rows(policy, rows, n=2, temperature=1.0, max_new_tokens=6, seed=0)
+    assert len(out["responses"]) == 3
+    assert evaluate.evaluate(policy, rows, n_samples=2, temperature=1.0, max_new_tokens=6)["n"] == 3
+    assert 0.0 <= warmup.pass_rate(policy, rows, max_new_tokens=6) <= 1.0
