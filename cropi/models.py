@@ -14,7 +14,9 @@ Token conventions used everywhere in cropi:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -529,6 +531,23 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = sp.cumsum(-1) - sp < top_p
     sp = sp * keep
     return torch.zeros_like(probs).scatter(-1, si, sp) / sp.sum(-1, keepdim=True)
+
+
+@contextlib.contextmanager
+def as_float32(model):
+    """Inside the block, every floating parameter and buffer of ``model`` is float32 (in place, on
+    its device: the same Parameter objects); afterwards each gets its own dtype back. Exact for
+    values the block leaves as they were, since every bfloat16 / float16 value is a float32 value."""
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point() and t.dtype != torch.float32}.values()
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield model
+    finally:
+        for t, dt in zip(tensors, dtypes):
+            t.data = t.data.to(dt)
 
 
 def is_truncated(response_ids: list[int], eos_id: int) -> bool:

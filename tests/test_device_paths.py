@@ -98,3 +98,80 @@ def test_gpu_callers_sample_on_the_device(small_policy, device):
     assert len(out["responses"]) == 3
     assert evaluate.evaluate(policy, rows, n_samples=2, temperature=1.0, max_new_tokens=6)["n"] == 3
     assert 0.0 <= warmup.pass_rate(policy, rows, max_new_tokens=6) <= 1.0
+
+
+# ---------------------------------------------------------------------------- check-influence
+
+
+@pytest.fixture(scope="module")
+def influence_setup(tmp_path_factory, small_policy):
+    import numpy as np
+    import pyarrow as pa
+
+    from cropi import schema
+
+    def traj(n, seed):
+        rng = np.random.default_rng(seed)
+        return pa.Table.from_pylist([
+            {"id": f"s{seed}-{i}", "prompt": f"{i} + {seed} =\n", "answer": str(i + seed), "task": "t",
+             "difficulty": 0, "split": "train", "behavior": "x",
+             "rewards": [1.0, 0.0] + rng.integers(0, 2, 2).astype(float).tolist(),
+             "responses": [f"Answer: {int(v)}" for v in rng.integers(0, 99, 4)]} for i in range(n)])
+
+    d = tmp_path_factory.mktemp("infl-dev")
+    schema.write_parquet_atomic(traj(6, 0), d / "pool.parquet")
+    schema.write_parquet_atomic(traj(3, 1), d / "t1.parquet")
+    return d
+
+
+def _bf16_policy(small_policy, device="cpu"):
+    import copy
+
+    return models.Policy(copy.deepcopy(small_policy.model).to(device=device, dtype=torch.bfloat16),
+                         small_policy.tokenizer, "tiny-test", "-")
+
+
+def _influence(setup, policy, out, eps=(1e-3,)):
+    from cropi import score as S
+
+    cfg = S.ScoreConfig(projector="identity", shard_size=6, batch=6, check_influence=4, influence_eps=eps, dtype="bf16")
+    return S.score(setup / "pool.parquet", [setup / "t1.parquet"], out, cfg=cfg, policy=policy,
+                   device=str(policy.device))["check_influence"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_check_influence_steps_below_bf16_rounding_are_real(influence_setup, small_policy, tmp_path, device):
+    """A bf16 model, ε = 1e-3: most per-weight steps are below bf16's rounding of the weights, so
+    stepping the bf16 weights measures rounding (relative error ~0.7 against first order here); the
+    float32 steps agree with first order. The model comes back bf16, bit for bit, in train mode."""
+    policy = _bf16_policy(small_policy, device)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    policy.model.train()
+    step = _influence(influence_setup, policy, tmp_path / "s")["steps"][0]
+    assert step["step"] == 1e-3 and step["measured_mean"] != 0.0
+    assert step["first_order_rel_err"] < 0.05 and step["spearman_exact"] > 0.9
+    assert policy.model.training
+    for n, p in policy.model.named_parameters():
+        assert p.dtype == torch.bfloat16 and p.device.type == device and torch.equal(p, before[n]), n
+
+
+def test_check_influence_restores_the_model_when_it_fails(influence_setup, small_policy, tmp_path, monkeypatch):
+    from cropi import score as S
+
+    policy = _bf16_policy(small_policy)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    policy.model.train()
+    calls, real = [], S._objective
+
+    def objective_then_fail(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # inside a step: parameters moved
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "_objective", objective_then_fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        _influence(influence_setup, policy, tmp_path / "s")
+    assert policy.model.training and len(calls) == 3
+    for n, p in policy.model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
