@@ -175,3 +175,37 @@ def test_check_influence_restores_the_model_when_it_fails(influence_setup, small
     assert policy.model.training and len(calls) == 3
     for n, p in policy.model.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
+
+
+# ---------------------------------------------------------------------------- on-policy ρ in bf16
+
+
+@pytest.mark.parametrize("path", ["vmap", "per-layer", "kron"])
+def test_on_policy_ratio_is_exactly_one_in_bf16(small_policy, path):
+    """On-policy prompts (no behaviour log-probs): ρ = π/β = 1 for every token, in bf16 too. A ratio
+    clip at 1 changes the weight of any token whose ρ > 1, so the features with and without it are
+    equal only where ρ is exactly 1 (β from a separate forward, through another attention kernel
+    and batch shape than the objective's, makes ρ ≠ 1 in bf16)."""
+    import synthetic
+
+    from cropi import kron, layer_grads, policy_grad
+    from cropi.projection import make_projector
+
+    policy = _bf16_policy(small_policy)
+    batch = synthetic.prompts(4, 4, seed=5, prompt_len=(3, 13), resp_len=(4, 16))
+    names = policy_grad.select_params(policy.model, "all")
+    d = policy_grad.param_dim(policy.model, names)
+
+    def features(clip):
+        cfg = policy_grad.GradConfig(ratio_clip=clip)
+        w = [policy_grad.token_weights(rw, [len(r) for r in rs], cfg) for _, rs, rw, _ in batch]
+        args = ([b[0] for b in batch], [b[1] for b in batch], w, [None] * len(batch))
+        if path == "kron":
+            return kron.prompt_features(policy, *args, cfg, kron.KronProjector(policy.model, names, k=64))[0]
+        proj = make_projector("dense", d, 64, 0)
+        f = policy_grad.prompt_gradients if path == "vmap" else layer_grads.prompt_gradients
+        return f(policy, *args, names, cfg, proj)[0]
+
+    free = features(None)
+    assert free.abs().sum() > 0
+    assert torch.equal(features(1.0), free)
