@@ -209,3 +209,38 @@ def test_on_policy_ratio_is_exactly_one_in_bf16(small_policy, path):
     free = features(None)
     assert free.abs().sum() > 0
     assert torch.equal(features(1.0), free)
+
+
+# ---------------------------------------------------------------------------- a GPU host's defaults
+
+
+def test_default_device_on_a_gpu_host(monkeypatch):
+    from cropi.distributed import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("CROPI_DEVICE")
+    assert default_device() == "cuda:1" and default_device("cuda") == "cuda:1" and default_device("cpu") == "cpu"
+    monkeypatch.setenv("CROPI_DEVICE", "cpu")
+    assert default_device() == "cpu" and default_device("cuda:0") == "cuda:0"
+    monkeypatch.setenv("CROPI_DEVICE", "cuda")
+    assert default_device() == "cuda:1"
+
+
+def test_suite_cli_runs_on_cpu_fp32_on_a_gpu_host(influence_setup, small_policy, tmp_path, monkeypatch):
+    """The suite's CLI runs (no --device) stay on the CPU in float32 where CUDA is available: the
+    conftest sets CROPI_DEVICE=cpu."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cropi.cli import main
+
+    model_dir = tmp_path / "model"
+    models.save(small_policy.model, small_policy.tokenizer, model_dir, {"kind": "tiny"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    r = CliRunner().invoke(main, ["score", "--trajectories", str(influence_setup / "pool.parquet"), "--target",
+                                  str(influence_setup / "t1.parquet"), "--model", str(model_dir), "--k", "32",
+                                  "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["compute_dtype"] == "float32"
