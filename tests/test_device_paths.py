@@ -1,4 +1,4 @@
-"""Device-true paths (issue 22): sampling draws on the model's device with a generator there and
+"""Device-true paths: sampling draws on the model's device with a generator there and
 moves nothing of vocabulary size to the host; check-influence steps in float32 on the parameters'
 device and restores the model (mode, dtype, values) whatever happens. On CUDA (marker gpu) the
 same checks run on the GPU."""
