@@ -65,7 +65,11 @@ def write_data(policy, name: str, n: int, args, seed: int):
     return path
 
 
-def bench_cost(policy, args) -> None:
+def cost_paths(policy, prep, k: int, micro_batch: int) -> tuple[dict, dict]:
+    """The three ways to the per-prompt information of ``prep`` (a score.Prepared) on the policy's
+    device: {"per-layer": cropi's per-layer path + sjlt, "plain": one training forward+backward over
+    the same tokens in the same micro-batches, "loop": one prompt at a time, flat full gradient,
+    then sjlt} -> fn(), and {"d", "prompts", "tokens", "sjlt", "names"}."""
     from cropi import layer_grads
     from cropi.policy_grad import (
         GradConfig,
@@ -77,35 +81,33 @@ def bench_cost(policy, args) -> None:
         token_weights,
     )
     from cropi.projection import make_projector
-    from cropi.score import prepare
 
-    model = policy.model
+    model, dev = policy.model, policy.device
     names = select_params(model)
     d = param_dim(model, names)
-    prep = prepare(policy, make_trajectories(policy, args.prompts, args.G, args.resp_min, args.resp_len, 1), "-")
     cfg = GradConfig()
     weights = [token_weights(rw, [len(r) for r in rs], cfg) for rw, rs in zip(prep.rewards, prep.responses)]
     batch = (prep.prompt_ids, prep.responses, weights, prep.behavior_logp)
     units = build_units(*batch, policy.tokenizer.pad_token_id, 1)  # one response a unit: [N, 1, T]
     owner = units.owner.tolist()
-    sjlt = make_projector("sjlt", d, args.k, 0)
+    sjlt = make_projector("sjlt", d, k, 0, device=dev)
     params = dict(model.named_parameters())
 
     def objective(rows):
-        flat = [x[rows, 0] for x in (units.input_ids, units.attention_mask, units.response_mask, units.weight,
-                                      units.behavior_logp)]
+        flat = [x[rows, 0].to(dev) for x in (units.input_ids, units.attention_mask, units.response_mask, units.weight,
+                                              units.behavior_logp)]
         return _unit_objective(model, params, dict(model.named_buffers()), *flat, cfg.temperature, cfg.ratio_clip,
                                logits_window(model, flat[2]))
 
-    groups = layer_grads.LayerGrads(policy, names, cfg, sjlt, args.micro_batch)._groups([len(r) for r in prep.responses])
+    groups = layer_grads.LayerGrads(policy, names, cfg, sjlt, micro_batch)._groups([len(r) for r in prep.responses])
 
-    def plain():  # (a) the training backward over the same micro-batches
+    def plain():  # the training backward over the same micro-batches
         model.zero_grad(set_to_none=True)
         for g in groups:
             objective([n for n, p in enumerate(owner) if p in g]).backward()
         model.zero_grad(set_to_none=True)
 
-    def loop():  # (b) one prompt at a time, flat full gradient, then sjlt
+    def loop():  # one prompt at a time, flat full gradient, then sjlt
         for p in range(len(prep.ids)):
             model.zero_grad(set_to_none=True)
             objective([n for n, q in enumerate(owner) if q == p]).backward()
@@ -113,7 +115,19 @@ def bench_cost(policy, args) -> None:
         model.zero_grad(set_to_none=True)
 
     def per_layer():
-        layer_grads.prompt_gradients(policy, *batch, names, cfg, sjlt, args.micro_batch)
+        layer_grads.prompt_gradients(policy, *batch, names, cfg, sjlt, micro_batch)
+
+    info = {"d": d, "prompts": len(prep.ids), "tokens": int(units.attention_mask.sum()), "sjlt": sjlt, "names": names}
+    return {"per-layer": per_layer, "plain": plain, "loop": loop}, info
+
+
+def bench_cost(policy, args) -> None:
+    from cropi.score import prepare
+
+    model = policy.model
+    prep = prepare(policy, make_trajectories(policy, args.prompts, args.G, args.resp_min, args.resp_len, 1), "-")
+    paths, info = cost_paths(policy, prep, args.k, args.micro_batch)
+    d, sjlt, names = info["d"], info["sjlt"], info["names"]
 
     def cpu(fn):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -121,14 +135,12 @@ def bench_cost(policy, args) -> None:
         return time.perf_counter() - w0, time.process_time() - c0
 
     hash_t = cpu(lambda: (sjlt._sjlt_index(0, d), [sjlt._sjlt_index(o, n) for o, n in _blocks(model, names)]))
-    paths = {"per-layer": per_layer, "plain": plain, "loop": loop}
     runs = {name: [] for name in paths}
     for _ in range(args.reps):  # interleaved; the fastest run of each (the first pays page faults)
         for name, fn in paths.items():
             runs[name].append(cpu(fn))
     t = {name: min(r, key=lambda x: x[1]) for name, r in runs.items()}
-    P = len(prep.ids)
-    tokens = int(units.attention_mask.sum())
+    P, tokens = info["prompts"], info["tokens"]
     for name, (wall, c) in t.items():
         emit("real_model", kind="cost", path=name, model="smollm2", d=d, k=args.k, prompts=P, G=args.G,
              micro_batch=args.micro_batch, reps=args.reps, tokens=tokens, cpu_s_per_prompt=round(c / P, 2),

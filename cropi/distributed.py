@@ -1,8 +1,8 @@
 """torch.distributed plumbing: one process per device, launched by `torchrun`.
 
 Outside torchrun (no WORLD_SIZE in the environment, or WORLD_SIZE=1) everything runs as
-rank 0 of 1 and no process group is created. The backend is NCCL when CUDA is available and
-gloo otherwise, so the same code runs in CPU tests and on GPUs.
+rank 0 of 1 and no process group is created. The backend is NCCL when the default device
+(`default_device`) is a GPU and gloo otherwise, so the same code runs in CPU tests and on GPUs.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ def is_distributed() -> bool:
 
 
 def default_device(device: str | None = None) -> str:
-    """The device this process should use: ``device`` if given (plain ``cuda`` = this rank's GPU,
-    cuda:LOCAL_RANK), else cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    """The device this process should use: ``device`` if given, else $CROPI_DEVICE if set (the test
+    suite sets cpu), else cuda:LOCAL_RANK when CUDA is available, else cpu. Plain ``cuda`` = this
+    rank's GPU, cuda:LOCAL_RANK."""
+    device = device or os.environ.get("CROPI_DEVICE") or None
     if device == "cuda":
         return f"cuda:{world_info()[2]}"
     if device:
@@ -43,7 +45,7 @@ def dist_context(timeout_s: int = 1800):
     if world <= 1 or is_distributed():
         yield (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if default_device().startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))

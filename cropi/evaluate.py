@@ -83,7 +83,7 @@ def evaluate(
     prompt_ids = models.encode_prompts(policy, [r["prompt"] for r in rows])
     flat_ids = [p for p in prompt_ids for _ in range(n_samples)]
     flat_rows = [r for r in rows for _ in range(n_samples)]
-    gen = torch.Generator().manual_seed(derive_seed(seed, "eval"))
+    gen = models.generator(policy, derive_seed(seed, "eval"))
     responses: list[list[int]] = []
     bar_done = 0
     for s in range(0, len(flat_ids), batch):

@@ -21,11 +21,17 @@ go in as they are, and fp32 inputs are split into three bf16 terms (x = hi + mid
 
 Triton is imported inside ``try``: without it (CPU installs) this module still imports and
 ``available()`` is False; :mod:`cropi.projection` imports this module only for CUDA projectors.
-Set ``CROPI_TRITON=0`` to make CUDA projectors use the plain torch path instead.
+The kernels use Triton 3 APIs (``tl.join``, ``tl.dot(..., acc, input_precision=)``): with an
+older Triton ``available()`` is False too, and says once on stderr that CUDA projectors take the
+plain torch path. Set ``CROPI_TRITON=0`` to choose that path yourself.
+
+On the CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton
+is imported; tests/test_kernels.py): the launchers take CPU tensors as they are.
 """
 
 import math
 import os
+import sys
 
 import torch
 
@@ -40,9 +46,28 @@ _BD, _BK = 32, 128  # dense: coordinates per loop step, projected rows per progr
 _SJLT_ELEMS = 2048  # sjlt: coordinates x rows loaded per program
 
 
+MIN_TRITON = (3, 0)  # tl.join and tl.dot's acc / input_precision= arguments
+_NOTICE: list[bool] = []
+
+
+def _version(v: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.7.1' or '3.0.0+git1234'."""
+    major, minor = (v.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def available() -> bool:
-    """True when Triton imports, CUDA is available and CROPI_TRITON is not 0."""
-    return triton is not None and torch.cuda.is_available() and os.environ.get("CROPI_TRITON", "1") != "0"
+    """True when Triton >= MIN_TRITON imports, CUDA is available and CROPI_TRITON is not 0. An older
+    Triton on a CUDA host: False, with a one-line notice on stderr (once per process)."""
+    if triton is None or not torch.cuda.is_available() or os.environ.get("CROPI_TRITON", "1") == "0":
+        return False
+    if _version(triton.__version__) < MIN_TRITON:
+        if not _NOTICE:
+            _NOTICE.append(True)
+            print(f"cropi: Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, which the "
+                  "projection kernels need; CUDA projections use the torch path", file=sys.stderr)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- shared integer math
@@ -185,6 +210,11 @@ def _rows(B: int) -> int:
     return max(2, triton.next_power_of_2(B))
 
 
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for CPU tensors (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _prepare(x: torch.Tensor) -> torch.Tensor:
     if x.dtype not in _XKIND:
         x = x.float()
@@ -231,8 +261,7 @@ def dense_project(x: torch.Tensor, offset: int, k: int, keys: torch.Tensor, dist
     n_keys = keys.shape[-1]
     k_tiles = triton.cdiv(k, _BK)
     steps = triton.cdiv(n_coords, _BD)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1  # 1: interpreter
-    tiles = triton.cdiv(steps, max(1, min(steps, triton.cdiv(4 * sms, k_tiles))))
+    tiles = triton.cdiv(steps, max(1, min(steps, triton.cdiv(4 * _sm_count(x.device), k_tiles))))
     splits = triton.cdiv(steps, tiles)
     for b0 in range(0, B, _MAX_ROWS):
         xb = x[b0:b0 + _MAX_ROWS]

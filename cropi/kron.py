@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cropi.policy_grad import GradConfig, _unit_objective, build_units, fill_on_policy
+from cropi.policy_grad import GradConfig, _unit_objective, build_units
 from cropi.projection import HASH_VERSION, make_projector
 from cropi.runtime import derive_seed
 
@@ -186,7 +186,6 @@ def prompt_features(policy, prompt_ids, responses, weights, behavior_logp, cfg: 
     and ‖feature‖₂ [P] float64."""
     model = policy.model
     units = build_units(prompt_ids, responses, weights, behavior_logp, policy.tokenizer.pad_token_id, micro_batch)
-    fill_on_policy(policy, units, cfg.temperature)
     U, M, T = units.input_ids.shape
     dev = policy.device
     flat = [x.to(dev).reshape(U * M, T) for x in (units.input_ids, units.attention_mask, units.response_mask,

@@ -40,7 +40,6 @@ from cropi.policy_grad import (
     GradConfig,
     _unit_objective,
     build_units,
-    fill_on_policy,
     logits_window,
     sq_norms,
     unit_gradients,
@@ -140,9 +139,7 @@ class LayerGrads:
         return groups + [cur] if cur else groups
 
     def _units(self, prompt_ids, responses, weights, behavior_logp):
-        units = build_units(prompt_ids, responses, weights, behavior_logp, self.policy.tokenizer.pad_token_id, 1)
-        fill_on_policy(self.policy, units, self.cfg.temperature)
-        return units
+        return build_units(prompt_ids, responses, weights, behavior_logp, self.policy.tokenizer.pad_token_id, 1)
 
     def _objective(self, units, lo=0, hi=None):
         """J over sequences lo..hi of one-response units (flat [N, T] batch); logits only where J

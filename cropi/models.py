@@ -14,7 +14,9 @@ Token conventions used everywhere in cropi:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -434,16 +436,28 @@ def response_logprobs(policy: Policy, prompt_ids, response_ids, temperature: flo
     return out
 
 
+def generator(policy: Policy, seed: int) -> torch.Generator:
+    """A torch.Generator on the policy's device seeded with ``seed``: what :func:`sample` draws with.
+    Its stream depends on the device type (CPU Mersenne Twister, CUDA Philox), so samples repeat
+    for the same seed, batch and device type, not across devices."""
+    return torch.Generator(device=policy.device).manual_seed(seed)
+
+
 @torch.no_grad()
 def sample(policy: Policy, prompt_ids: list[list[int]], *, temperature: float = 1.0, max_new_tokens: int = 32,
            generator: torch.Generator | None = None, top_p: float = 1.0) -> list[list[int]]:
     """Sample one response per prompt id list, all in one batched loop with a KV cache.
 
     Prompts are left-padded; each response ends with EOS or is cut at ``max_new_tokens``
-    (truncated). Deterministic given ``generator`` and the batch. Returns response token ids.
+    (truncated). Every token is drawn on the model's device (``generator`` must live there: see
+    :func:`generator`); nothing of size vocabulary leaves the device. Deterministic given
+    ``generator``, the batch and the device type. Returns response token ids.
     """
     model, tok = policy.model, policy.tokenizer
     dev = policy.device
+    if generator is not None and generator.device != torch.device(dev):
+        raise ValueError(f"sample: the generator is on {generator.device} but the model on {dev}; "
+                         "make it with models.generator(policy, seed)")
     n = len(prompt_ids)
     P = max(len(p) for p in prompt_ids)
     pad, eos = tok.pad_token_id, tok.eos_token_id
@@ -468,8 +482,7 @@ def sample(policy: Policy, prompt_ids: list[list[int]], *, temperature: float = 
             probs = torch.softmax(logits / temperature, dim=-1)
             if top_p < 1.0:
                 probs = _top_p(probs, top_p)
-            nxt = torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs,
-                                    1, generator=generator).squeeze(-1).to(dev)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out[:, t] = nxt
         newly = (~done) & (nxt == eos)
@@ -520,6 +533,23 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep = sp.cumsum(-1) - sp < top_p
     sp = sp * keep
     return torch.zeros_like(probs).scatter(-1, si, sp) / sp.sum(-1, keepdim=True)
+
+
+@contextlib.contextmanager
+def as_float32(model):
+    """Inside the block, every floating parameter and buffer of ``model`` is float32 (in place, on
+    its device: the same Parameter objects); afterwards each gets its own dtype back. Exact for
+    values the block leaves as they were, since every bfloat16 / float16 value is a float32 value."""
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point() and t.dtype != torch.float32}.values()
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield model
+    finally:
+        for t, dt in zip(tensors, dtypes):
+            t.data = t.data.to(dt)
 
 
 def is_truncated(response_ids: list[int], eos_id: int) -> bool:

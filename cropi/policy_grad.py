@@ -157,7 +157,8 @@ class Units:
 def build_units(prompt_ids: list[list[int]], responses: list[list[list[int]]], weights: list[list[float]],
                 behavior_logp: list[list[list[float]] | None], pad_id: int, micro_batch: int) -> Units:
     """Cut each prompt's responses into units of at most ``micro_batch`` and pad all to [U, M, T].
-    A ``None`` behaviour entry means "on-policy": filled later with the current model's log-probs."""
+    A ``None`` behaviour entry means "on-policy": its log-probs stay NaN and the objective uses
+    ρ = 1 there (``_unit_objective``)."""
     units = []
     for p, (pid, resps, ws, blp) in enumerate(zip(prompt_ids, responses, weights, behavior_logp)):
         for s in range(0, len(resps), micro_batch):
@@ -218,7 +219,10 @@ def _unit_objective(model, params: dict, buffers: dict, ids, attn, rmask, weight
     s = ids.shape[-1] - logits.shape[-2]  # first predicted position: logits[:, j] predicts ids[:, s + j]
     ids, rmask, weight, blp = ids[:, s:], rmask[:, s:], weight[:, s:], blp[:, s:]
     lp = torch.gather(logits, -1, ids[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    log_ratio = torch.where(rmask, lp.detach() - torch.nan_to_num(blp), torch.zeros_like(lp))
+    # NaN behaviour log-probs = on-policy: β is this very forward, so ρ = 1 exactly (in any dtype;
+    # a separate forward for β would differ in its last bf16 bits)
+    off_policy = rmask & ~torch.isnan(blp)
+    log_ratio = torch.where(off_policy, lp.detach() - torch.nan_to_num(blp), torch.zeros_like(lp))
     ratio = torch.exp(log_ratio)
     if ratio_clip is not None:
         ratio = ratio.clamp(max=ratio_clip)
@@ -267,18 +271,6 @@ def unit_gradients(policy: models.Policy, units: Units, names: list[str], cfg: G
         model.train(was_training)
 
 
-@torch.no_grad()
-def fill_on_policy(policy: models.Policy, units: Units, temperature: float) -> None:
-    """Where the behaviour log-probs are unknown (NaN), use the current model's: ρ = 1."""
-    missing = torch.isnan(units.behavior_logp) & units.response_mask
-    if not missing.any():
-        return
-    U, M, T = units.input_ids.shape
-    lp = models.token_logprobs(policy.model, units.input_ids.view(U * M, T).to(policy.device),
-                               units.attention_mask.view(U * M, T).to(policy.device), temperature).cpu().view(U, M, T)
-    units.behavior_logp[missing] = lp[missing]
-
-
 def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, behavior_logp, names: list[str],
                      cfg: GradConfig, project, micro_batch: int = 64):
     """Project the gradients g_x of a batch of P prompts.
@@ -293,7 +285,6 @@ def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, beha
         features [P, k] float32, grad_norm [P] float64 (‖g_x‖₂, exact).
     """
     units = build_units(prompt_ids, responses, weights, behavior_logp, policy.tokenizer.pad_token_id, micro_batch)
-    fill_on_policy(policy, units, cfg.temperature)
     grads = unit_gradients(policy, units, names, cfg)
     P = len(prompt_ids)
     owner = units.owner.to(policy.device)

@@ -31,7 +31,7 @@ def rollout_rows(policy: models.Policy, rows: list[dict], *, n: int, temperature
     distribution sampled from)."""
     prompt_ids = models.encode_prompts(policy, [r["prompt"] for r in rows])
     flat_prompts = [p for p in prompt_ids for _ in range(n)]
-    g = torch.Generator().manual_seed(seed)
+    g = models.generator(policy, seed)
     resp_ids: list[list[int]] = []
     for s in range(0, len(flat_prompts), micro_batch):
         resp_ids += models.sample(policy, flat_prompts[s : s + micro_batch], temperature=temperature,

@@ -641,49 +641,24 @@ def check_influence(policy, prep: Prepared, target_preps: list[Prepared], scores
     combined as mean_V ΔJ_V / ‖∇J_V‖₂, so that to first order the normalised step gives
     ε·mean_V cos(g_x, ∇J_V). Reported per rule: Spearman ρ of the projected scores (column
     ``score``) and of the exact cosines against the measured change, and the median relative
-    error |measured − first-order| / |first-order| (first-order = ⟨∇J_V, Δθ⟩). Parameters are
-    restored exactly after each step."""
+    error |measured − first-order| / |first-order| (first-order = ⟨∇J_V, Δθ⟩).
+
+    The whole check runs in float32 on the parameters' device, whatever the scoring dtype (a step
+    of ε = 1e-3 is below bfloat16's rounding of the weights): the model is made float32 for it,
+    each step is float32 master copy + Δθ, and afterwards the parameters, their dtypes and the
+    model's train/eval mode are restored exactly, also when the check fails."""
     ok = np.flatnonzero(np.array(scores.column("status").to_pylist()) == "ok")
     rng = np.random.default_rng(derive_seed(cfg.seed, "check-influence"))
     rows = np.sort(rng.choice(ok, min(cfg.check_influence, len(ok)), replace=False)).tolist()
-    exact = exact_gradients(policy, prep, rows, names, cfg, pool_std).astype(np.float64)  # [N, d]
-    t_rows = [[i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])] for tp in target_preps]
-    target_preps = [_behavior_filled(policy, tp, cfg.grad.temperature) for tp in target_preps]  # β fixed at θ
-    target_grads = [target_mean_gradient(policy, tp, names, cfg, pool_std).double().numpy() for tp in target_preps]
-
-    def objectives() -> np.ndarray:  # [V] J_V at the current parameters
-        return np.array([_objective(policy, tp, t_ok, cfg, pool_std) for tp, t_ok in zip(target_preps, t_rows)])
-
-    params = dict(policy.model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in names}
-
-    def step(delta: np.ndarray) -> np.ndarray:  # J_V(θ + delta) for flat delta [d]
-        off = 0
-        with torch.no_grad():
-            for n in names:
-                p = params[n]
-                p.add_(torch.from_numpy(delta[off : off + p.numel()]).view_as(p).to(p.dtype))
-                off += p.numel()
-            try:
-                return objectives()
-            finally:
-                for n in names:
-                    params[n].copy_(saved[n])
-
-    tnorm = np.array([np.linalg.norm(g) for g in target_grads])
     was_training = policy.model.training
     policy.model.eval()
-    base = objectives()
-    rules = [("normalised", float(e)) for e in cfg.influence_eps]
-    if cfg.influence_lr:
-        rules.append(("adam", float(cfg.influence_lr)))
-    measured = np.zeros((len(rules), len(rows)))
-    first = np.zeros((len(rules), len(rows)))
-    for j, g in enumerate(exact):
-        for r, (rule, size) in enumerate(rules):
-            delta = size * g / max(np.linalg.norm(g), 1e-30) if rule == "normalised" else size * np.sign(g)
-            measured[r, j] = float(np.mean((step(delta) - base) / np.maximum(tnorm, 1e-30)))
-            first[r, j] = float(np.mean([tg @ delta for tg in target_grads] / np.maximum(tnorm, 1e-30)))
+    try:
+        with models.as_float32(policy.model):
+            measured, first, exact, target_grads = _influence_steps(policy, prep, target_preps, rows, names, cfg,
+                                                                    pool_std)
+    finally:
+        policy.model.train(was_training)
+    rules = _influence_rules(cfg)
     proj = np.asarray(scores.column("score").to_numpy(zero_copy_only=False))[rows]
     cos_exact = np.mean([influence.cosine(exact, tg) for tg in target_grads], axis=0)
     out = []
@@ -697,14 +672,61 @@ def check_influence(policy, prep: Prepared, target_preps: list[Prepared], scores
             "first_order_rel_err": float(np.median(rel)),
             "measured_mean": float(measured[r].mean()),
         })
-    policy.model.train(was_training)
     return {"n": len(rows), "combine": "mean of ΔJ_V / ‖∇J_V‖", "steps": out}
 
 
-def _behavior_filled(policy, prep: Prepared, temperature: float | None = None) -> Prepared:
+def _influence_rules(cfg: ScoreConfig) -> list[tuple[str, float]]:
+    rules = [("normalised", float(e)) for e in cfg.influence_eps]
+    if cfg.influence_lr:
+        rules.append(("adam", float(cfg.influence_lr)))
+    return rules
+
+
+def _influence_steps(policy, prep: Prepared, target_preps: list[Prepared], rows: list[int], names, cfg: ScoreConfig,
+                     pool_std):
+    """check_influence's measurements at the model's current dtype and device: (measured [R, N],
+    first-order [R, N], exact g_x [N, d] float64, ∇J_V per target [d] float64) for the R step rules."""
+    exact = exact_gradients(policy, prep, rows, names, cfg, pool_std).astype(np.float64)  # [N, d]
+    t_rows = [[i for i in range(len(tp.ids)) if not is_zero_signal(tp.rewards[i])] for tp in target_preps]
+    target_preps = [_behavior_filled(policy, tp) for tp in target_preps]  # β fixed at θ
+    target_grads = [target_mean_gradient(policy, tp, names, cfg, pool_std).double().numpy() for tp in target_preps]
+
+    def objectives() -> np.ndarray:  # [V] J_V at the current parameters
+        return np.array([_objective(policy, tp, t_ok, cfg, pool_std) for tp, t_ok in zip(target_preps, t_rows)])
+
+    params = dict(policy.model.named_parameters())
+    master = {n: params[n].detach().float().clone() for n in names}  # float32, on the parameter's device
+
+    def step(delta: np.ndarray) -> np.ndarray:  # J_V(θ + delta) for flat delta [d]
+        off = 0
+        with torch.no_grad():
+            for n in names:
+                p = params[n]
+                d = torch.from_numpy(delta[off : off + p.numel()]).to(device=p.device, dtype=torch.float32)
+                p.copy_(master[n] + d.view_as(p))
+                off += p.numel()
+            try:
+                return objectives()
+            finally:
+                for n in names:
+                    params[n].copy_(master[n])
+
+    tnorm = np.array([np.linalg.norm(g) for g in target_grads])
+    base = objectives()
+    rules = _influence_rules(cfg)
+    measured = np.zeros((len(rules), len(rows)))
+    first = np.zeros((len(rules), len(rows)))
+    for j, g in enumerate(exact):
+        for r, (rule, size) in enumerate(rules):
+            delta = size * g / max(np.linalg.norm(g), 1e-30) if rule == "normalised" else size * np.sign(g)
+            measured[r, j] = float(np.mean((step(delta) - base) / np.maximum(tnorm, 1e-30)))
+            first[r, j] = float(np.mean([tg @ delta for tg in target_grads] / np.maximum(tnorm, 1e-30)))
+    return measured, first, exact, target_grads
+
+
+def _behavior_filled(policy, prep: Prepared) -> Prepared:
     """``prep`` with on-policy (None) behaviour log-probs replaced by the current model's, at the
-    file's own temperature ``prep.temperature`` (the one its log π is taken at; ``temperature``
-    is not used)."""
+    file's own temperature ``prep.temperature`` (the one its log π is taken at)."""
     todo = [i for i, b in enumerate(prep.behavior_logp) if b is None]
     if not todo:
         return prep

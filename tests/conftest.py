@@ -5,6 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPU unless a test names its device: on a GPU host the CLI would default to CUDA and bf16, and the
+# tests of CPU-exact figures would fail (GPU tests pass device="cuda" themselves)
+os.environ.setdefault("CROPI_DEVICE", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

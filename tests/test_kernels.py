@@ -1,8 +1,26 @@
 """Triton projection kernels: the kernels' integer math (run on numpy on the CPU) against
-projection.hash32 and the CPU projectors bit for bit; on a CUDA GPU with Triton, kernel results
-against the CPU projector within the tolerances stated in cropi.kernels."""
+projection.hash32 and the CPU projectors bit for bit; the kernels themselves against the CPU
+projector within the tolerances stated in cropi.kernels, on a CUDA GPU (backend "cuda", marked
+gpu) and on the CPU under Triton's interpreter (backend "interpret").
 
+The interpreter replaces ``triton.jit`` when TRITON_INTERPRET=1 is set before Triton is imported,
+so the "interpret" cases run in a child pytest that ``test_kernels_on_the_cpu``
+starts with that variable (in the parent they skip). What the interpreter does not run: the
+compiled kernels (PTX, layouts, registers, num_warps), concurrent atomics (its programs run one
+after another), tensor-core summation order and speed; and its ``tl.dot`` multiplies bfloat16
+operands as their raw uint16 bit patterns (triton 3.7.1), so the child converts bfloat16 dot
+operands to float32 first (products of bfloat16 values are exact in float32, as on tensor cores).
+Batches with more than 2^32 entries need ~13 GB and run on CUDA only; the interpreter checks
+coordinates beyond 2^32 through the offset argument.
+"""
+
+import json
 import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,10 +108,51 @@ def test_cpu_projectors_never_dispatch_to_kernels():
         assert make_projector(kind, 1000, 64, 0)._gpu is None
 
 
-# ---------------------------------------------------------------------------- GPU (CUDA + Triton)
+# ---------------------------------------------------------------------------- kernels: CUDA or interpreter
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton is not None
+BACKENDS = [
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not kernels.available(),
+                                                                    reason="needs a CUDA GPU and Triton")]),
+    pytest.param("interpret", marks=pytest.mark.skipif(not INTERPRET, reason="runs in the child pytest of "
+                                                       "test_kernels_on_the_cpu")),
+]
 gpu = pytest.mark.skipif(not kernels.available(), reason="needs a CUDA GPU and Triton")
 TOL = 1e-6  # documented in cropi.kernels: max_r |gpu - cpu| <= TOL * u * ||x_b||_1
+
+
+def _bf16_dot_as_fp32(monkeypatch):
+    """Triton 3.7.1's interpreter runs tl.dot as np.matmul of the operands' storage, which for
+    bfloat16 is uint16 bit patterns; give it the float32 values (exact for bfloat16)."""
+    from triton.runtime import interpreter
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def as_fp32(h):
+        if h.get_element_ty() != kernels.tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), kernels.tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return dot(self, as_fp32(a), as_fp32(b), d, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.fixture
+def launch(request, monkeypatch):
+    """(backend, project(cpu_projector, x, offset) -> [B, k] fp32 through the kernels)."""
+    if request.param == "cuda":
+        def project(cpu, x, offset=0):
+            dev = make_projector(cpu.kind, cpu.d, cpu.k, cpu.seed, s=cpu.s, dist=cpu.dist, density=cpu.density,
+                                 device="cuda")
+            assert dev._gpu is kernels
+            return dev.project(x.cuda(), offset)
+        return "cuda", project
+    _bf16_dot_as_fp32(monkeypatch)
+    # 8 "SMs": the dense kernel then cuts the coordinates into several split partials, as on a GPU
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 8)
+    return "interpret", lambda cpu, x, offset=0: kernels.project(cpu, x, offset)
 
 
 def _unit(p) -> float:
@@ -115,34 +174,76 @@ CASES = [
     ("dense", "rademacher", 1), ("dense", "gaussian", 1),
     ("mask-dense", "rademacher", 1), ("mask-dense", "gaussian", 1),
 ]
+# (d, k) per backend; odd k: partial row tiles (the interpreter's 259 = 2 tiles of 128 + 3)
+SIZES = {"cuda": {"sjlt": (300_007, 1000), "dense": (50_021, 999)},
+         "interpret": {"sjlt": (3_001, 200), "dense": (515, 259)}}
 
 
-@pytest.mark.gpu
-@gpu
+@pytest.mark.parametrize("launch", BACKENDS, indirect=True)
 @pytest.mark.parametrize("kind,dist,s", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gpu_kernels_equal_cpu_projector(kind, dist, s, dtype):
-    d, k, seed = (300_007, 1000, 123) if kind == "sjlt" else (50_021, 999, 123)  # odd k: partial tiles
-    cpu = make_projector(kind, d, k, seed, s=s, dist=dist, density=0.1)
-    dev = make_projector(kind, d, k, seed, s=s, dist=dist, density=0.1, device="cuda")
-    assert dev._gpu is kernels
+def test_kernels_equal_cpu_projector(launch, kind, dist, s, dtype):
+    backend, project = launch
+    d, k = SIZES[backend]["sjlt" if kind == "sjlt" else "dense"]
+    cpu = make_projector(kind, d, k, 123, s=s, dist=dist, density=0.1)
     g = torch.Generator().manual_seed(0)
-    for B in (1, 5, 19):  # 19 > the kernels' 16-row launches
+    for B in (1, 5, 19) if backend == "cuda" else (3, 19):  # 19 > the kernels' 16-row launches
         x = torch.randn(B, d, generator=g).to(dtype)
-        _check(cpu, x, dev.project(x.cuda()), cpu.project(x))
+        _check(cpu, x, project(cpu, x), cpu.project(x))
         lo, n = d // 3, d // 2  # a block at an offset
-        _check(cpu, x[:, lo:lo + n], dev.project(x[:, lo:lo + n].cuda(), lo), cpu.project(x[:, lo:lo + n], lo))
+        _check(cpu, x[:, lo:lo + n], project(cpu, x[:, lo:lo + n], lo), cpu.project(x[:, lo:lo + n], lo))
 
 
-@pytest.mark.gpu
-@gpu
+@pytest.mark.parametrize("launch", BACKENDS, indirect=True)
 @pytest.mark.parametrize("kind", ["sjlt", "dense"])
-def test_gpu_kernels_64bit_coordinates(kind):
-    d, k, seed, n = 2**34, 256, 5, 20_000
-    cpu, dev = make_projector(kind, d, k, seed), make_projector(kind, d, k, seed, device="cuda")
+def test_kernels_64bit_coordinates(launch, kind):
+    backend, project = launch
+    d, k, seed = 2**34, 256, 5
+    n = 20_000 if backend == "cuda" else 600
+    cpu = make_projector(kind, d, k, seed)
     x = torch.randn(3, n, generator=torch.Generator().manual_seed(1))
-    for offset in (2**31 - 7_000, 2**32 - 7_000, 2**33 + 11):
-        _check(cpu, x, dev.project(x.cuda(), offset), cpu.project(x, offset))
+    for offset in (2**31 - n // 3, 2**32 - n // 3, 2**33 + 11):  # blocks across 2^31 and 2^32, and past 2^33
+        _check(cpu, x, project(cpu, x, offset), cpu.project(x, offset))
+
+
+def test_kernels_on_the_cpu(tmp_path):
+    """Run this module's "interpret" cases in a child pytest with TRITON_INTERPRET=1 (the variable
+    must be set before Triton is imported). Every case must run and pass."""
+    if INTERPRET:
+        pytest.skip("this is the child")
+    if kernels.triton is None:
+        pytest.skip("Triton is not installed (the dev extra pins it)")
+    report = tmp_path / "report.xml"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret",
+                          f"--junitxml={report}"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(report).getroot().find("testsuite")
+    n_cases = 3 * len(CASES) + 2
+    assert int(suite.get("tests")) == n_cases and int(suite.get("skipped")) == 0, json.dumps(suite.attrib)
+
+
+def test_available_needs_triton_3(monkeypatch, capsys):
+    """An older Triton on a CUDA host: no kernels (torch path), one notice line, said once."""
+    from cropi import projection
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "_NOTICE", [])
+    monkeypatch.delenv("CROPI_TRITON", raising=False)
+    monkeypatch.setattr(kernels, "triton", types.SimpleNamespace(__version__="2.3.1"))
+    assert not kernels.available() and not kernels.available()
+    assert projection._gpu_kernels(torch.device("cuda")) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Triton 2.3.1 is older than 3.0" in err and "torch path" in err
+    for v in ("3.0.0", "3.7.1", "3.10.0+git0123abc"):
+        monkeypatch.setattr(kernels, "triton", types.SimpleNamespace(__version__=v))
+        assert kernels.available()
+    monkeypatch.setenv("CROPI_TRITON", "0")
+    assert not kernels.available()
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.gpu

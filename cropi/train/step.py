@@ -194,7 +194,7 @@ def update(
 
 def train_step(policy: models.Policy, ref, opt, stage: Stage, cfg: TrainConfig, step: int) -> dict:
     """Global step `step` (1-based): collect, update; returns the metrics row (no wall clock)."""
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "step", step))
+    gen = models.generator(policy, derive_seed(cfg.seed, "step", step))
     with scale.autocast(cfg.bf16, policy.device):
         kept, generated, info = collect(policy, stage, cfg, gen)
     raw = np.array([grp.raw for grp in generated], dtype=np.float64)
