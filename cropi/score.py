@@ -132,22 +132,12 @@ def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Polic
     every response decodes back to its text); otherwise responses are tokenised
     and EOS appended. Behaviour log-probs: stored ones, or recomputed with ``behavior``, or None."""
     tok = policy.tokenizer
-    vocab = len(tok)
     rows_resp = table.column("responses").to_pylist()
     prompt_ids = models.encode_prompts(policy, table.column("prompt").to_pylist())
     ids = table.column("id").to_pylist()
     if "response_token_ids" in table.column_names:
         responses = table.column("response_token_ids").to_pylist()
-        for i, r in enumerate(responses):
-            bad = [t for resp in r for t in resp if not 0 <= t < vocab]
-            if bad:
-                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"token id {bad[0]} outside this model's vocabulary ({vocab})")
-        texts = iter(tok.batch_decode([resp for r in responses for resp in r], skip_special_tokens=True))
-        for i, r in enumerate(rows_resp):
-            for j, want in enumerate(r):
-                if next(texts).strip() != want.strip():
-                    raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"response {j}: tokens do not decode to "
-                                            "the response text with this model's tokenizer (trajectories from another tokenizer?)")
+        schema.check_token_ids(table, path, tok, responses)
     else:
         eos = tok.eos_token_id
         responses = [[tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in r] for r in rows_resp]
@@ -163,11 +153,7 @@ def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Polic
         blp = table.column("behavior_logprobs").to_pylist()
     else:
         blp = [None] * len(ids)
-    ctx = getattr(policy.model.config, "max_position_embeddings", None)
-    if ctx:
-        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
-            if len(p) + max(len(x) for x in r) > ctx:
-                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "responses", f"prompt+response longer than the model context ({ctx} tokens)")
+    schema.check_context(table, path, prompt_ids, responses, getattr(policy.model.config, "max_position_embeddings", None))
     return Prepared(ids, prompt_ids, responses, table.column("rewards").to_pylist(), blp, table)
 
 

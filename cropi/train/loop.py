@@ -249,9 +249,10 @@ def train(
             None,
             "already holds a run: pass --resume to continue it or choose another --run",
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with schema.atomic_file(run_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    sets = {  # read before anything is written: a bad set leaves no run folder behind
+        "target": dict(zip(set_names(spec.targets), map(load_set, spec.targets))),
+        "heldout": dict(zip(set_names(spec.heldout), map(load_set, spec.heldout))),
+    }
 
     info_file = Path(str(models.resolve(spec.model))) / "cropi.json"
     base_info = json.loads(info_file.read_text()) if info_file.exists() else {}
@@ -264,6 +265,9 @@ def train(
         ref = models.load(spec.model, device=device, dtype=torch.float32).model.requires_grad_(
             False
         )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with schema.atomic_file(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     opt = torch.optim.AdamW(scale.trainable(policy.model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: lr_factor(i, cfg.warmup_steps, total, cfg.lr_schedule)
@@ -279,10 +283,6 @@ def train(
     else:
         ckpt.seed_rngs(derive_seed(cfg.seed, "global-rngs"))
     truncate_metrics(metrics_path, step if latest is not None else -1)
-    sets = {
-        "target": dict(zip(set_names(spec.targets), map(load_set, spec.targets))),
-        "heldout": dict(zip(set_names(spec.heldout), map(load_set, spec.heldout))),
-    }
     has_eval = bool(spec.targets or spec.heldout)
 
     def state_dict() -> dict:
