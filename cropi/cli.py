@@ -572,6 +572,7 @@ def train_cmd(overrides, config_file, curriculum_dir, model, targets, heldout, r
     import time
 
     from cropi.train import loop
+    from cropi.train.config import resolve_spec
 
     if run_dir is None:
         if resume:
@@ -580,7 +581,7 @@ def train_cmd(overrides, config_file, curriculum_dir, model, targets, heldout, r
     resume = resume_or_fresh(resume, run_dir / "config.yaml")
     run_options = dict(curriculum=curriculum_dir, model=model, targets=targets, heldout=heldout, rescore=rescore,
                        trajectories=trajectories, selector=selector, ratio=ratio, projector=projector, k=k)
-    spec = loop.resolve_spec(run_dir, resume=resume, config_file=config_file, overrides=overrides,
+    spec = resolve_spec(run_dir, resume=resume, config_file=config_file, overrides=overrides,
                              run_options=run_options, train_options=options)
     summary = loop.train(run_dir, spec, resume=resume, max_steps=max_steps, device=device)
     click.echo(json.dumps(summary))

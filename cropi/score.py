@@ -25,6 +25,7 @@ import torch
 
 from cropi import features as F
 from cropi import influence, kron, layer_grads, models, schema
+from cropi.config import check_fields, option
 from cropi.distributed import all_reduce_sum, barrier
 from cropi.policy_grad import (
     GradConfig,
@@ -35,38 +36,46 @@ from cropi.policy_grad import (
     select_params,
     token_weights,
 )
-from cropi.projection import Inner, make_projector
+from cropi.projection import PROJECTORS, Inner, make_projector
 from cropi.rollout import rollout_meta
 from cropi.runtime import derive_seed, progress
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRAD_PATHS = ("auto", "per-layer", "vmap")
 
 
 @dataclass
 class ScoreConfig:
-    projector: str = "sjlt"
-    k: int = 8192
-    seed: int = 0
-    density: float = 0.1
-    s: int = 1
-    dist: str = "rademacher"
-    combine: str = "mean"
-    max_target: int | None = None
-    shard_size: int = 64
-    batch: int = 16  # prompts per vmapped forward/backward
-    micro_batch: int = 64  # responses per vmap unit (a prompt's G responses are split beyond this)
-    feature_dtype: str = "float32"
-    check_rank: int = 0
-    check_influence: int = 0  # prompts for the measured-step check (check_influence)
-    influence_eps: tuple = (1e-3, 1e-2, 1e-1, 1.0)  # normalised step sizes, L2 in parameter space
-    influence_lr: float | None = None  # also one Adam-like step (lr·sign g) of this size
+    """`cropi score` settings, checked when made (`cropi.config.check_fields`)."""
+
+    projector: str = option("sjlt", "Gradient projector.", choices=(*PROJECTORS, "kron"))
+    k: int = option(8192, "Projected dimension, at most d (the selected parameters' count).", lo=1)
+    seed: int = option(0, "Projection and sub-sampling seed.", lo=0)
+    density: float = option(0.1, "mask-dense: kept ratio.", lo=0, lo_open=True, hi=1)
+    s: int = option(1, "sjlt: nonzeros per coordinate.", lo=1)
+    dist: str = option("rademacher", "Projection entries.", choices=("rademacher", "gaussian"))
+    combine: str = option("mean", "How scores against several target sets combine.", choices=influence.COMBINE)
+    max_target: int | None = option(None, "Prompts per target set (seeded sample; None: all).", lo=1)
+    shard_size: int = option(64, "Prompts per resumable shard.", lo=1)
+    batch: int = option(16, "Prompts per vmapped forward/backward.", lo=1)
+    micro_batch: int = option(64, "Responses per vmap unit (a prompt's G responses are split beyond this).", lo=1)
+    feature_dtype: str = option("float32", "Stored feature dtype.", choices=("float32", "float16"))
+    check_rank: int = option(0, "Exact-vs-projected check on N prompts (0: off).", lo=0)
+    check_influence: int = option(0, "Prompts for the measured-step check (check_influence; 0: off).", lo=0)
+    influence_eps: tuple[float, ...] = option((1e-3, 1e-2, 1e-1, 1.0), "Normalised step sizes, L2 in parameter space.",
+                                              lo=0, lo_open=True, nonempty=True)
+    influence_lr: float | None = option(None, "Also one Adam-like step (lr·sign g) of this size.", lo=0, lo_open=True)
     grad: GradConfig = field(default_factory=GradConfig)
-    dtype: str | None = None  # forward/backward dtype: fp32 | bf16 | fp16 (None: fp32 on CPU, bf16 on CUDA)
-    adapter: str | None = None  # PEFT (LoRA) adapter folder: gradients of its parameters only
-    grad_checkpointing: bool = False  # recompute each block's forward in the backward (per-layer path)
-    grad_path: str = "auto"  # auto | per-layer | vmap
+    dtype: str | None = option(None, "Forward/backward dtype (None: fp32 on CPU, bf16 on CUDA).", choices=tuple(DTYPES))
+    adapter: str | None = option(None, "PEFT (LoRA) adapter folder: gradients of its parameters only.")
+    grad_checkpointing: bool = option(False, "Recompute each block's forward in the backward (per-layer path).")
+    # score() stores the path that runs back here: kron for the kron projector
+    grad_path: str = option("auto", "How per-prompt gradients are formed.", choices=(*GRAD_PATHS, "kron"))
+
+    def __post_init__(self):
+        check_fields(self)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GRAD_PATHS = ("auto", "per-layer", "vmap")
 REAL_MODEL_PARAMS = 20_000_000  # auto: models above this many parameters take the per-layer path
 VMAP_BYTES = 1 << 30  # auto: the vmap path only while a batch's P × d float32 gradients fit in this
 

@@ -54,122 +54,23 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from cropi import config, models, schema
+from cropi import models, schema
 from cropi.evaluate import load_set, set_names
 from cropi.runtime import derive_seed, progress
 from cropi.train import checkpoint as ckpt
 from cropi.train import scale
-from cropi.train.config import TrainConfig
+from cropi.train.config import RunSpec
 from cropi.train.logs import eval_now, tb_row, tensorboard, truncate_metrics
 from cropi.train.plot import plot_curves
 from cropi.train.stages import check_stages, open_stage
 from cropi.train.step import train_step
 
 WALL_CLOCK_FIELDS = ("seconds",)  # the only metrics that differ between identical runs
-
-
-# ---------------------------------------------------------------------------- run spec
-
-
-@dataclass
-class RunSpec:
-    """Everything that defines a run: what to train, on what, and how (`train`)."""
-
-    curriculum: str
-    model: str = models.TINY
-    targets: list[str] = field(default_factory=list)  # eval sets; --rescore's target gradients
-    heldout: list[str] = field(default_factory=list)  # eval-only sets
-    rescore: bool = False  # score + select a missing next stage with the current checkpoint
-    trajectories: str | None = None  # the offline pool --rescore scores
-    selector: str = "popi"
-    ratio: float = 0.1
-    projector: str = "sjlt"
-    k: int = 8192
-    combine: str = "mean"
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
-        return {
-            **d,
-            "targets": list(self.targets),
-            "heldout": list(self.heldout),
-            "train": self.train.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict, path="config") -> RunSpec:
-        """From a config.yaml mapping; unknown keys and bad trainer options raise InputError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise schema.InputError(
-                path, None, unknown[0], f"unknown run option (known: {', '.join(sorted(names))})"
-            )
-        if not d.get("curriculum"):
-            raise schema.InputError(path, None, "curriculum", "missing (--curriculum DIR)")
-        try:
-            train = TrainConfig.from_dict(d.get("train") or {})
-        except ValueError as e:
-            raise schema.InputError(path, None, "train", str(e)) from None
-        out = {k: v for k, v in d.items() if k != "train"}
-        for key in ("targets", "heldout"):
-            out[key] = [str(p) for p in out.get(key) or []]
-        for key in ("curriculum", "trajectories"):
-            if out.get(key) is not None:
-                out[key] = str(out[key])
-        return cls(**out, train=train)
-
-
-def resolve_spec(
-    run_dir, *, resume: bool, config_file=None, overrides=(), run_options: dict, train_options: dict
-) -> RunSpec:
-    """The RunSpec of `cropi train`, checked by `cropi.config.train_layout()`.
-
-    Fresh run: `config_file` (a config.yaml layout; optional) with `key=value` `overrides`, then
-    the options given (None = not given). Resume: RUN/config.yaml; a config file, overrides and
-    options given must equal its values.
-    """
-    given_run = {k: v for k, v in run_options.items() if v is not None and v != ()}
-    given_train = {k: v for k, v in train_options.items() if v is not None}
-    for key in ("targets", "heldout"):
-        if key in given_run:
-            given_run[key] = [str(p) for p in given_run[key]]
-    for key in ("curriculum", "trajectories"):
-        if key in given_run:
-            given_run[key] = str(given_run[key])
-    over = config.parse_overrides(overrides)
-    flags = {**given_run, "train": given_train}
-    sources = {**config.override_sources(over), **config.override_sources(flags, "options")}
-    given = config.merge(config.read_yaml(config_file) if config_file else {}, over, flags)
-    layout = config.train_layout()
-    if resume:
-        path = Path(run_dir) / "config.yaml"
-        if not path.exists():
-            raise schema.InputError(path, None, None, "no such file: nothing to resume")
-        saved = RunSpec.from_dict(config.resolve(config.read_yaml(path), layout, path), path)
-        want = RunSpec.from_dict(
-            config.resolve(config.merge(saved.to_dict(), given), layout, config_file or "--resume", sources),
-            "--resume",
-        )
-        old, new = saved.to_dict(), want.to_dict()
-        pairs = [(k, new[k], old[k]) for k in old if k != "train"]
-        pairs += [(k, new["train"][k], old["train"][k]) for k in old["train"]]
-        for name, value, had in pairs:
-            if value != had:
-                raise schema.InputError(
-                    path, None, name, f"--resume: given {value!r}, but the run has {had!r}"
-                )
-        return saved
-    return RunSpec.from_dict(
-        config.resolve(given, layout, config_file or "options", sources), config_file or "options"
-    )
 
 
 # ---------------------------------------------------------------------------- schedule, signals
