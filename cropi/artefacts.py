@@ -2,7 +2,7 @@
 
 | path                                            | kind           | what is checked                          |
 |-------------------------------------------------|----------------|------------------------------------------|
-| prompts / trajectories / scores file or folder  | prompts ...    | `schema.validate` (Parquet, JSONL, datasets) |
+| prompts / trajectories / scores file or folder  | prompts ...    | `schema.validate` (Parquet, JSONL, datasets); with --model, `score.prepare` |
 | `cropi score` output (scores.parquet, meta.json)| score-folder   | scores table, its features store and every target store |
 | features store (meta.json, shard-NNNNN.*)       | features       | every shard: rows match its index, k columns |
 | curriculum (stage-NNN/ folders)                 | curriculum     | every stage                              |

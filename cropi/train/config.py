@@ -34,7 +34,10 @@ import click
 from cropi import config, schema
 from cropi.advantages import BATCH_MEAN_GROUP_STD
 from cropi.config import ConfigError, option
+from cropi.influence import COMBINE
+from cropi.projection import PROJECTORS
 from cropi.runtime import MAX_NEW_TOKENS
+from cropi.select import SELECTORS
 
 ADV_MEAN = ("group", "batch")
 ADV_STD = ("group", "batch", "none")
@@ -232,14 +235,6 @@ def _tiny() -> str:
     return TINY
 
 
-def _choices(name: str) -> tuple:
-    from cropi import projection
-    from cropi.influence import COMBINE
-    from cropi.select import SELECTORS
-
-    return {"selector": SELECTORS, "projector": (*projection.PROJECTORS, "kron"), "combine": COMBINE}[name]
-
-
 @dataclass
 class RunSpec:
     """Everything that defines a run: what to train, on what, and how (`train`)."""
@@ -251,12 +246,12 @@ class RunSpec:
     heldout: list[str] = option(help="Eval-only sets.", default_factory=list)
     rescore: bool = option(False, "Score and select a missing next stage with the current checkpoint.")
     trajectories: str | None = option(None, "--rescore: the offline pool to score.")
-    selector: str = option("popi", "--rescore: selector.", choices=_choices("selector"))
+    selector: str = option("popi", "--rescore: selector.", choices=SELECTORS)
     ratio: float = option(0.1, "--rescore: stage fraction of the pool.", lo=0, lo_open=True, hi=1)
-    projector: str = option("sjlt", "--rescore: gradient projector.", choices=_choices("projector"))
+    projector: str = option("sjlt", "--rescore: gradient projector.", choices=(*PROJECTORS, "kron"))
     k: int = option(8192, "--rescore: projected dimension.", lo=1)
     combine: str = option("mean", "--rescore: how scores against several target sets combine.",
-                          choices=_choices("combine"))
+                          choices=COMBINE)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
