@@ -2,7 +2,7 @@
 
 | path                                            | kind           | what is checked                          |
 |-------------------------------------------------|----------------|------------------------------------------|
-| prompts / trajectories / scores file or folder  | prompts ...    | `schema.validate` (Parquet, JSONL, datasets) |
+| prompts / trajectories / scores file or folder  | prompts ...    | `schema.validate` (Parquet, JSONL, datasets); with --model, `score.prepare` |
 | `cropi score` output (scores.parquet, meta.json)| score-folder   | scores table, its features store and every target store |
 | features store (meta.json, shard-NNNNN.*)       | features       | every shard: rows match its index, k columns |
 | curriculum (stage-NNN/ folders)                 | curriculum     | every stage                              |
@@ -29,11 +29,15 @@ import pyarrow.parquet as pq
 from cropi import schema
 
 
-def check(path, kind: str | None = None, columns: dict | None = None, split: str | None = None) -> dict:
+def check(path, kind: str | None = None, columns: dict | None = None, split: str | None = None,
+          model: str | None = None) -> dict:
     """Validate the artefact at ``path`` and return its summary ({"kind": ..., ...}).
 
     ``kind`` forces a table kind (prompts, trajectories, scores); otherwise it is detected.
-    ``columns`` and ``split`` say how a user's table is read (`schema.read_table`)."""
+    ``columns`` and ``split`` say how a user's table is read (`schema.read_table`). Trajectories
+    are also checked as `cropi score` reads them with ``model`` (token ids in its vocabulary and
+    decoding to the responses, prompt+response within its context); without a model the summary
+    says these were not checked."""
     path = Path(path)
     columns = schema.check_columns(columns)
     if not path.exists() and not schema.looks_like_dataset_name(path):
@@ -41,7 +45,15 @@ def check(path, kind: str | None = None, columns: dict | None = None, split: str
     if kind is not None or columns or split is not None or not path.exists() \
             or path.is_file() and not _special_file(path) or _is_dataset(path):
         table = schema.read_table(path, kind, columns=columns, split=split)
-        return schema.summarize(table, kind or schema.detect_kind(table))
+        kind = kind or schema.detect_kind(table)
+        summary = schema.summarize(table, kind)
+        if kind == "trajectories":
+            summary["model_checks"] = _model_checks(table, path, model)
+        elif model is not None:
+            raise schema.InputError("--model", None, None, f"checks trajectories only; {path} holds {kind}")
+        return summary
+    if model is not None:
+        raise schema.InputError("--model", None, None, f"checks trajectories only; {path} is not a trajectories table")
     if path.is_file():
         return _special_file(path)(path)
     for test, fn in _FOLDERS:
@@ -49,6 +61,20 @@ def check(path, kind: str | None = None, columns: dict | None = None, split: str
             return fn(path)
     raise schema.InputError(path, None, None, "a folder cropi did not write (expected a score folder, features "
                             "store, curriculum, stage, run, checkpoint, `cropi run` output or datasets folder)")
+
+
+def _model_checks(table, path: Path, model: str | None) -> str:
+    """Run the checks of a trajectories table that need a model (`score.prepare`, which calls
+    `schema.check_token_ids` and `schema.check_context`); say which ran."""
+    if model is None:
+        return "not run: token ids and lengths were not checked against a tokenizer (give --model)"
+    from cropi import models
+    from cropi.score import prepare
+
+    prepare(models.load(model), table, path)
+    if "response_token_ids" in table.column_names:
+        return f"token ids inside {model}'s vocabulary and decoding to the responses; prompt+response within its context"
+    return f"prompt+response within {model}'s context (no stored token ids: score tokenises the responses)"
 
 
 def _is_dataset(path: Path) -> bool:

@@ -110,6 +110,18 @@ def user_error(e: BaseException) -> str | None:
     return "cropi: error: " + " ".join(msg.split())
 
 
+def resume_or_fresh(resume: bool, out: Path, *evidence: Path) -> bool:
+    """``--resume`` where nothing was started (neither ``out`` nor any ``evidence`` path exists)
+    starts a fresh run and says so in one line on stderr, as `wget -c` and `rsync --partial` do:
+    a job script that always passes --resume then works for its first try and for a restart
+    after a kill alike. Returns the ``resume`` to run with."""
+    if resume and not any(p.exists() for p in (out, *evidence)):
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(f"cropi: note: --resume: nothing to resume at {out}; starting a fresh run", err=True)
+        return False
+    return resume
+
+
 @contextmanager
 def _sigterm_exits():
     """Make SIGTERM raise SystemExit(143) while a command runs, so `finally` blocks remove their
@@ -250,15 +262,18 @@ def main():
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--kind", type=click.Choice(schema.KINDS), default=None, help="Table kind [default: detected].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--model", default=None,
+              help="Also check trajectories as `cropi score` reads them with this model: token ids inside its "
+                   "vocabulary and decoding to the responses, prompt+response within its context [default: not checked].")
 @input_options
-def check(file, kind, as_json, data_split, **kw):
+def check(file, kind, as_json, model, data_split, **kw):
     """Validate anything cropi reads or writes and summarise it: a prompts / trajectories / scores
     file (Parquet, JSONL, verl Parquet, datasets folder or a dataset name in the local HF cache), a
     score folder, features store, curriculum or stage, run folder, checkpoint, `cropi run` output,
     export or eval report."""
     from cropi.artefacts import check as check_path
 
-    summary = check_path(file, kind, columns=_columns(kw), split=data_split)
+    summary = check_path(file, kind, columns=_columns(kw), split=data_split, model=model)
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -355,6 +370,7 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
     from cropi import rollout as R
     from cropi.distributed import barrier, default_device, dist_context
 
+    resume = resume_or_fresh(resume, out, R._parts_dir(out))
     with dist_context() as (rank, world):
         R.rollout(prompts, out, model=model, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                   seed=seed, chunk=chunk, limit=limit, device=default_device(device), resume=resume, rank=rank, world=world,
@@ -435,6 +451,7 @@ def score(trajectories, targets, model, behavior_model, projector, k, density, s
                         dtype=compute_dtype, adapter=str(adapter) if adapter else None,
                         grad_checkpointing=grad_checkpointing, grad_path=grad_path,
                         grad=GradConfig(aggregation=aggregation, adv_std=adv_std, ratio_clip=ratio_clip, params=params))
+    resume = resume_or_fresh(resume, out)
     with dist_context() as (rank, world):
         meta = S.score(trajectories, list(targets), out, model=model, behavior_model=behavior_model, cfg=cfg,
                        resume=resume, overwrite=overwrite, device=default_device(device), rank=rank, world=world,
@@ -556,14 +573,16 @@ def train_cmd(overrides, config_file, curriculum_dir, model, targets, heldout, r
     import time
 
     from cropi.train import loop
+    from cropi.train.config import resolve_spec
 
     if run_dir is None:
         if resume:
             raise schema.InputError("--resume", None, "--run", "name the run folder to resume")
         run_dir = schema.check_output(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"), folder=True)
+    resume = resume_or_fresh(resume, run_dir / "config.yaml")
     run_options = dict(curriculum=curriculum_dir, model=model, targets=targets, heldout=heldout, rescore=rescore,
                        trajectories=trajectories, selector=selector, ratio=ratio, projector=projector, k=k)
-    spec = loop.resolve_spec(run_dir, resume=resume, config_file=config_file, overrides=overrides,
+    spec = resolve_spec(run_dir, resume=resume, config_file=config_file, overrides=overrides,
                              run_options=run_options, train_options=options)
     summary = loop.train(run_dir, spec, resume=resume, max_steps=max_steps, device=device)
     click.echo(json.dumps(summary))

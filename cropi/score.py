@@ -25,6 +25,7 @@ import torch
 
 from cropi import features as F
 from cropi import influence, kron, layer_grads, models, schema
+from cropi.config import check_fields, option
 from cropi.distributed import all_reduce_sum, barrier
 from cropi.policy_grad import (
     GradConfig,
@@ -35,39 +36,47 @@ from cropi.policy_grad import (
     select_params,
     token_weights,
 )
-from cropi.projection import Inner, make_projector
+from cropi.projection import PROJECTORS, Inner, make_projector
 from cropi.rollout import SAMPLER_LOGPROBS, rollout_meta, sampler_logprobs
 from cropi.runtime import derive_seed, progress
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRAD_PATHS = ("auto", "per-layer", "vmap")
 
 
 @dataclass
 class ScoreConfig:
-    projector: str = "sjlt"
-    k: int = 8192
-    seed: int = 0
-    density: float = 0.1
-    s: int = 1
-    dist: str = "rademacher"
-    combine: str = "mean"
-    max_target: int | None = None
-    shard_size: int = 64
-    batch: int = 16  # prompts per vmapped forward/backward
-    micro_batch: int = 64  # responses per vmap unit (a prompt's G responses are split beyond this)
-    feature_dtype: str = "float32"
-    check_rank: int = 0
-    check_influence: int = 0  # prompts for the measured-step check (check_influence)
-    influence_eps: tuple = (1e-3, 1e-2, 1e-1, 1.0)  # normalised step sizes, L2 in parameter space
-    influence_lr: float | None = None  # also one Adam-like step (lr·sign g) of this size
+    """`cropi score` settings, checked when made (`cropi.config.check_fields`)."""
+
+    projector: str = option("sjlt", "Gradient projector.", choices=(*PROJECTORS, "kron"))
+    k: int = option(8192, "Projected dimension, at most d (the selected parameters' count).", lo=1)
+    seed: int = option(0, "Projection and sub-sampling seed.", lo=0)
+    density: float = option(0.1, "mask-dense: kept ratio.", lo=0, lo_open=True, hi=1)
+    s: int = option(1, "sjlt: nonzeros per coordinate.", lo=1)
+    dist: str = option("rademacher", "Projection entries.", choices=("rademacher", "gaussian"))
+    combine: str = option("mean", "How scores against several target sets combine.", choices=influence.COMBINE)
+    max_target: int | None = option(None, "Prompts per target set (seeded sample; None: all).", lo=1)
+    shard_size: int = option(64, "Prompts per resumable shard.", lo=1)
+    batch: int = option(16, "Prompts per vmapped forward/backward.", lo=1)
+    micro_batch: int = option(64, "Responses per vmap unit (a prompt's G responses are split beyond this).", lo=1)
+    feature_dtype: str = option("float32", "Stored feature dtype.", choices=("float32", "float16"))
+    check_rank: int = option(0, "Exact-vs-projected check on N prompts (0: off).", lo=0)
+    check_influence: int = option(0, "Prompts for the measured-step check (check_influence; 0: off).", lo=0)
+    influence_eps: tuple[float, ...] = option((1e-3, 1e-2, 1e-1, 1.0), "Normalised step sizes, L2 in parameter space.",
+                                              lo=0, lo_open=True, nonempty=True)
+    influence_lr: float | None = option(None, "Also one Adam-like step (lr·sign g) of this size.", lo=0, lo_open=True)
     grad: GradConfig = field(default_factory=GradConfig)
-    dtype: str | None = None  # forward/backward dtype: fp32 | bf16 | fp16 (None: fp32 on CPU, bf16 on CUDA)
-    adapter: str | None = None  # PEFT (LoRA) adapter folder: gradients of its parameters only
-    grad_checkpointing: bool = False  # recompute each block's forward in the backward (per-layer path)
-    grad_path: str = "auto"  # auto | per-layer | vmap
+    dtype: str | None = option(None, "Forward/backward dtype (None: fp32 on CPU, bf16 on CUDA).", choices=tuple(DTYPES))
+    adapter: str | None = option(None, "PEFT (LoRA) adapter folder: gradients of its parameters only.")
+    grad_checkpointing: bool = option(False, "Recompute each block's forward in the backward (per-layer path).")
+    # score() stores the path that runs back here: kron for the kron projector
+    grad_path: str = option("auto", "How per-prompt gradients are formed.", choices=(*GRAD_PATHS, "kron"))
+
+    def __post_init__(self):
+        check_fields(self)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_LOSS_SCALES = (2.0**16, 2.0**12, 2.0**8, 2.0**4, 1.0)  # tried in turn while a batch overflows
-GRAD_PATHS = ("auto", "per-layer", "vmap")
 REAL_MODEL_PARAMS = 20_000_000  # auto: models above this many parameters take the per-layer path
 VMAP_BYTES = 1 << 30  # auto: the vmap path only while a batch's P × d float32 gradients fit in this
 
@@ -166,7 +175,7 @@ def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Polic
     ids = table.column("id").to_pylist()
     if "response_token_ids" in table.column_names:
         responses = table.column("response_token_ids").to_pylist()
-        _check_tokens(tok, path, ids, rows_resp, responses)
+        schema.check_token_ids(table, path, tok, responses)
     else:
         responses = _retokenise(tok, rows_resp, sampled.get("max_new_tokens"))
     if behavior is not None:
@@ -184,27 +193,8 @@ def prepare(policy: models.Policy, table: pa.Table, path, behavior: models.Polic
         blp = table.column("behavior_logprobs").to_pylist()
     else:
         blp = [None] * len(ids)
-    ctx = getattr(policy.model.config, "max_position_embeddings", None)
-    if ctx:
-        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
-            if len(p) + max(len(x) for x in r) > ctx:
-                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "responses", f"prompt+response longer than the model context ({ctx} tokens)")
+    schema.check_context(table, path, prompt_ids, responses, getattr(policy.model.config, "max_position_embeddings", None))
     return Prepared(ids, prompt_ids, responses, table.column("rewards").to_pylist(), blp, table, temperature)
-
-
-def _check_tokens(tok, path, ids, rows_resp, responses) -> None:
-    """Stored token ids must lie inside the vocabulary and decode back to each response's text."""
-    vocab = len(tok)
-    for i, r in enumerate(responses):
-        bad = [t for resp in r for t in resp if not 0 <= t < vocab]
-        if bad:
-            raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"token id {bad[0]} outside this model's vocabulary ({vocab})")
-    texts = iter(tok.batch_decode([resp for r in responses for resp in r], skip_special_tokens=True))
-    for i, r in enumerate(rows_resp):
-        for j, want in enumerate(r):
-            if next(texts).strip() != want.strip():
-                raise schema.InputError(path, f"{i} (id {ids[i]!r})", "response_token_ids", f"response {j}: tokens do not decode to "
-                                        "the response text with this model's tokenizer (trajectories from another tokenizer?)")
 
 
 def _retokenise(tok, rows_resp, max_new_tokens: int | None) -> list[list[list[int]]]:

@@ -44,9 +44,11 @@ def check_params(
     n: int | None = None,
     kappa: float = 0.8,
     band: tuple[float, float] = (0.2, 0.8),
+    seed: int = 0,
 ) -> None:
     """Raise InputError for an unknown selector, a bad size (see `stage_size`), κ outside
-    [0, 1] or a band that is not 0 ≤ lo ≤ hi ≤ 1."""
+    [0, 1], a band that is not 0 ≤ lo ≤ hi ≤ 1, or a seed that is not a whole number ≥ 0
+    (what numpy's generators take)."""
     if selector not in SELECTORS:
         raise _param_error("selector", f"unknown selector {selector!r} (choose from {', '.join(SELECTORS)})")
     stage_size(1, ratio, n)
@@ -55,6 +57,8 @@ def check_params(
     lo, hi = band
     if not 0.0 <= lo <= hi <= 1.0:
         raise _param_error("band", f"need 0 ≤ lo ≤ hi ≤ 1, got ({lo}, {hi})")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise _param_error("seed", f"must be a whole number ≥ 0, got {seed}")
 
 
 def stage_size(pool_size: int, ratio: float | None = None, n: int | None = None) -> int:
@@ -238,7 +242,7 @@ def select(
     distinct prompt. Fewer rows come back when fewer are eligible (none: empty array).
     `source` names the table in error messages. Same inputs and seed ⇒ same indices.
     """
-    check_params(selector, ratio, n, kappa, band)
+    check_params(selector, ratio, n, kappa, band, seed)
     texts = _column(table, "prompt", selector, source)
     pool = len(set(texts))
     size = stage_size(pool, ratio, n)

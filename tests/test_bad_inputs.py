@@ -255,12 +255,63 @@ def resume_on_replaced_trajectories(env, tmp):
     return score_in(env, tmp, "--resume", pool=pool, out=out), ["features", "source_sha256", "pool.parquet", "not the file"]
 
 
+def _broken_datasets_folder(tmp):
+    d = tmp / "ds"
+    d.mkdir()
+    (d / "state.json").write_text("{}")  # looks like a save_to_disk folder, is not one
+    return d
+
+
+def check_broken_datasets_folder(env, tmp):
+    return ["check", str(_broken_datasets_folder(tmp))], ["ds", "not a readable saved `datasets` dataset"]
+
+
+def rollout_broken_datasets_folder(env, tmp):
+    return rollout_args(env, _broken_datasets_folder(tmp), tmp / "o.parquet"), ["ds", "not a readable saved"]
+
+
+def select_negative_seed(env, tmp):
+    return ["select", "--scores", str(env / "S"), "--seed", "-1", "--out", str(tmp / "cur")], ["--seed", "≥ 0", "-1"]
+
+
+def score_model_folder_without_tokenizer(env, tmp):
+    (tmp / "m").mkdir()
+    (tmp / "m" / "config.json").write_text("{}")
+    return score_in(env, tmp, "--model", str(tmp / "m")), ["m: not a model cropi can load"]
+
+
+def score_folder_without_config(env, tmp):
+    (tmp / "m").mkdir()
+    (tmp / "m" / "weights.bin").write_bytes(b"x")
+    return score_in(env, tmp, "--model", str(tmp / "m")), ["m: not a model cropi can load", "config.json"]
+
+
+def score_empty_token_list(env, tmp):
+    tok = models.load(str(env / "model")).tokenizer
+    rows = traj_rows(3, 0)
+    for row in rows:
+        row["response_token_ids"] = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in row["responses"]]
+    rows[1]["responses"][2], rows[1]["response_token_ids"][2] = "", []
+    f = write(rows, tmp / "pool.parquet")
+    return score_in(env, tmp, pool=f), ["pool.parquet", "row 1", "field response_token_ids", "response 2: empty token list"]
+
+
+def train_missing_target(env, tmp):
+    from cropi import tasks
+
+    curriculum.write_stage(tmp / "cur", tasks.make_pool(["count_bits:difficulty=0"], 4, 0, "train"), {"selector": "t"})
+    return (["train", "--curriculum", str(tmp / "cur"), "--model", str(env / "model"), "--target", str(tmp / "nope.parquet"),
+             "--run", str(tmp / "run"), "--steps-per-stage", "1"], ["nope.parquet", "no such file"])
+
+
 CASES = [non_utf8_jsonl, not_gzip, truncated_gzip, zero_row_prompts, jsonl_float_difficulty, parquet_text_difficulty,
          out_is_a_folder, out_under_a_file, out_in_read_only_folder, score_out_is_a_file, select_out_is_a_file,
          train_run_is_a_file, params_bad_regex, params_last_0, params_last_minus_1, temperature_nan, temperature_zero,
          temperature_inf, top_p_nan, device_bogus, ratio_clip_nan, k_larger_than_d, zero_row_trajectories,
          token_ids_differ_in_second_response, pickled_feature_shard, pickled_store_meta, select_unrelated_trajectories,
-         resume_on_replaced_trajectories]
+         resume_on_replaced_trajectories, check_broken_datasets_folder, rollout_broken_datasets_folder,
+         select_negative_seed, score_model_folder_without_tokenizer, score_folder_without_config, score_empty_token_list,
+         train_missing_target]
 
 
 def snapshot(root: Path) -> dict:
@@ -397,3 +448,67 @@ def test_a_bug_keeps_its_traceback_and_a_cropi_check_is_one_line(env, tmp_path, 
     monkeypatch.setattr(rollout, "rollout", cropi_check)
     r = runner().invoke(main, rollout_args(env, env / "prompts.parquet", tmp_path / "o.parquet"))
     assert r.exit_code == 2 and r.stderr.startswith("cropi: error: params 'last:x'")
+
+
+# ---------------------------------------------------------------------------- --resume, remote code
+
+
+def test_resume_with_nothing_to_resume_starts_fresh_and_says_so_in_one_line(env, tmp_path):
+    r = runner().invoke(main, rollout_args(env, env / "prompts.parquet", tmp_path / "o.parquet", "--resume"))
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == [f"cropi: note: --resume: nothing to resume at {tmp_path / 'o.parquet'}; starting a fresh run"]
+    assert schema.read_table(tmp_path / "o.parquet").num_rows == 4
+    r = runner().invoke(main, rollout_args(env, env / "prompts.parquet", tmp_path / "o.parquet", "--resume"))
+    assert r.exit_code == 0 and "note" not in r.stderr  # something to resume: no note
+    r = runner().invoke(main, score_in(env, tmp_path, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == [f"cropi: note: --resume: nothing to resume at {tmp_path / 's'}; starting a fresh run"]
+    assert (tmp_path / "s" / "scores.parquet").exists()
+
+
+def _remote_code_folder(env, tmp, where: str) -> Path:
+    """A copy of the test model whose `where` JSON asks for its own code: a module that, once
+    imported (transformers imports a copy from its modules cache), writes the folder's RAN."""
+    m = tmp / "evil"
+    shutil.copytree(env / "model", m)
+    (m / "cropi.json").unlink()  # load through the Auto classes, as any downloaded folder does
+    (m / "evil_code.py").write_text(
+        f"from pathlib import Path\nPath({str(m / 'RAN')!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    cfg = json.loads((m / where).read_text())
+    if where == "config.json":
+        cfg["model_type"] = "evil"  # a type transformers does not know: only the folder's code builds it
+        cfg["auto_map"] = {"AutoConfig": "evil_code.EvilConfig", "AutoModelForCausalLM": "evil_code.EvilModel"}
+    else:
+        cfg["tokenizer_class"] = "EvilTokenizer"
+        cfg["auto_map"] = {"AutoTokenizer": ["evil_code.EvilTokenizer", "evil_code.EvilTokenizer"]}
+    (m / where).write_text(json.dumps(cfg))
+    return m
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_a_model_folder_asking_for_its_own_code_is_refused_and_nothing_of_it_runs(env, tmp_path, where):
+    m = _remote_code_folder(env, tmp_path, where)
+    r = runner().invoke(main, score_in(env, tmp_path, "--model", str(m)), input="y\n" * 5)  # a "yes" on stdin changes nothing
+    assert r.exit_code == 2, r.output
+    assert r.stderr.splitlines() == [f"cropi: error: {m / where}: field auto_map: the model folder asks to run its own "
+                                     "Python code; cropi never runs code from a model folder (use a model transformers implements)"]
+    assert "Do you wish to run" not in r.output and not (m / "RAN").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_transformers_is_told_never_to_run_folder_code(env, tmp_path, monkeypatch, where):
+    """Without cropi's own refusal, the loaders' trust_remote_code=False still keeps the folder's
+    code out: no question on stdin (answered "y" here, which would run it), no code run, one
+    line. (Without the flag transformers asks, reads the "y", imports the module and loads.)"""
+    import io
+
+    m = _remote_code_folder(env, tmp_path, where)
+    monkeypatch.setattr(models, "refuse_remote_code", lambda path: None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 5))
+    with pytest.raises(schema.InputError, match="not a model cropi can load .* contains custom code"):
+        models.load(str(m))
+    assert not (m / "RAN").exists()

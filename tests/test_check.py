@@ -120,3 +120,61 @@ def test_export_eval_report_tables_and_strangers(tmp_path):
     _refused(tmp_path / "empty", "a folder cropi did not write")
     with pytest.raises(schema.InputError, match="no such file"):
         artefacts.check(tmp_path / "nothing")
+
+
+def _traj_jsonl(path, **fields):
+    """One trajectories JSONL row (two responses) with ``fields`` replaced."""
+    row = {"id": "a", "prompt": "1 + 1 =", "answer": "2", "responses": ["Answer: 2", "Answer: 3"], "rewards": [1.0, 0.0],
+           **fields}
+    path.write_text(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"rewards": [True, False]}, ["row 0", "field rewards", "true/false are not read as numbers"]),
+    ({"response_token_ids": [[-5, 3], [4]]}, ["field response_token_ids", "response 0: negative token id -5"]),
+    ({"response_token_ids": [[5, 3], []]}, ["field response_token_ids", "response 1: empty token list"]),
+    ({"response_token_ids": [[5, 3], None]}, ["field response_token_ids", "response 1: null token list"]),
+    ({"response_token_ids": [[5, 3], [4]], "behavior_logprobs": [[-1.0, -1.0], None]},
+     ["field behavior_logprobs", "response 1: 0 logprobs for 1 response tokens"]),
+], ids=["bool-rewards", "negative-id", "empty-token-list", "null-token-list", "null-logprobs"])
+def test_check_refuses_what_score_would_refuse_or_misread(tmp_path, fields, words):
+    _refused(_traj_jsonl(tmp_path / "t.jsonl", **fields), "t.jsonl", *words)
+
+
+def test_bool_rewards_in_parquet_are_refused(tmp_path):
+    table = pa.table({"prompt": ["q"], "answer": ["1"], "responses": [["a", "b"]], "rewards": [[True, False]]})
+    schema.write_parquet_atomic(table, tmp_path / "t.parquet")
+    _refused(tmp_path / "t.parquet", "t.parquet", "field rewards", "got list<element: bool>", "true/false")
+
+
+def test_check_with_a_model_runs_scores_token_checks_and_says_when_they_did_not_run(tmp_path, small_policy):
+    """Without --model the summary says token ids and lengths were not checked; with it, what
+    `cropi score` would refuse is refused: ids outside the vocabulary, ids that decode to other
+    text, and a response longer than the model's context (a 1 MB response)."""
+    from cropi import models
+
+    models.save(small_policy.model, small_policy.tokenizer, tmp_path / "m", {"kind": "tiny"})
+    tok = small_policy.tokenizer
+    good = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in ("Answer: 2", "Answer: 3")]
+    vocab = len(tok)
+
+    def check(path, model=True):
+        return CliRunner().invoke(main, ["check", str(path), *(["--model", str(tmp_path / "m")] if model else [])])
+
+    f = _traj_jsonl(tmp_path / "ok.jsonl", response_token_ids=good)
+    r = check(f, model=False)
+    assert r.exit_code == 0 and "model_checks           not run: token ids and lengths were not checked" in r.output
+    r = check(f)
+    assert r.exit_code == 0 and f"token ids inside {tmp_path / 'm'}'s vocabulary and decoding to the responses" in r.output
+    bad = [good[0], [vocab, *good[1][1:]]]
+    r = check(_traj_jsonl(tmp_path / "oov.jsonl", response_token_ids=bad))
+    assert r.exit_code == 2 and f"response_token_ids: token id {vocab} outside this model's vocabulary ({vocab})" in r.output
+    r = check(_traj_jsonl(tmp_path / "other.jsonl", response_token_ids=[good[0], good[0]]))
+    assert r.exit_code == 2 and "response 1: tokens do not decode to the response text" in r.output
+    big = _traj_jsonl(tmp_path / "big.jsonl", responses=["Answer: 2", "x" * 1_000_000])
+    assert check(big, model=False).exit_code == 0
+    r = check(big)
+    assert r.exit_code == 2 and "field responses: prompt+response longer than the model context (512 tokens)" in r.output
+    r = CliRunner().invoke(main, ["check", str(tmp_path / "m" / "config.json"), "--model", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "--model: checks trajectories only" in r.output

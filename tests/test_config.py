@@ -228,3 +228,79 @@ def test_train_writes_its_resolved_config(tmp_path, cur, monkeypatch):
     # resuming with an override that differs from the run's settings is refused
     again = CliRunner().invoke(main, ["train", "--run", str(run), "--resume", "train.lr=0.5"])
     assert again.exit_code == 2 and "field lr: --resume: given 0.5, but the run has 0.0001" in again.output
+
+
+# ---------------------------------------------------------------------------- one config form
+
+
+def test_every_settings_dataclass_is_declared_with_config_keys():
+    """TrainConfig, RunSpec, ScoreConfig and GradConfig declare every plain field as a config Key
+    (only nested settings objects are not): one description, one checker."""
+    from cropi import config
+    from cropi.policy_grad import GradConfig
+    from cropi.score import ScoreConfig
+    from cropi.train.config import RunSpec
+
+    for cls, nested in ((TrainConfig, ()), (RunSpec, ("train",)), (ScoreConfig, ("grad",)), (GradConfig, ())):
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert [k.name for k in config.keys_of(cls)] == [n for n in names if n not in nested], cls
+
+
+@pytest.mark.parametrize("key,value", [("lr", 0), ("group_size", 1), ("clip_low", 1.0), ("vcrl_kappa", 1.5),
+                                       ("seed", 1.5), ("adv_std", "mean"), ("dynamic_sampling", "yes"),
+                                       ("rlve_tau_acc", 0.0)])
+def test_a_trainer_option_is_refused_alike_in_yaml_and_in_python(tmp_path, key, value):
+    """The same check and the same words for `train.KEY` in RUN/config.yaml and TrainConfig(KEY=...)."""
+    from cropi import config, schema
+
+    with pytest.raises(ValueError) as py:
+        TrainConfig.from_dict({key: value})
+    with pytest.raises(schema.InputError) as yml:
+        config.resolve({"curriculum": "cur", "train": {key: value}}, config.train_layout(), "cfg.yaml")
+    assert str(yml.value) == f"cfg.yaml: field train.{str(py.value)}"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"k": 0}, "k: must be >= 1, got 0"),
+    ({"projector": "bogus"}, "projector: must be one of sjlt, mask-dense, dense, identity, trak, kron, got 'bogus'"),
+    ({"combine": "sum"}, "combine: must be one of mean, max, rrf, got 'sum'"),
+    ({"density": 1.5}, "density: must be <= 1, got 1.5"),
+    ({"influence_eps": (1e-3, -1.0)}, "influence_eps[1]: must be > 0, got -1.0"),
+    ({"dtype": "fp8"}, "dtype: must be one of fp32, bf16, fp16, got 'fp8'"),
+    ({"shard_size": 2.5}, "shard_size: expected an integer, got float 2.5"),
+])
+def test_score_config_is_checked_when_made(kwargs, message):
+    from cropi.score import ScoreConfig
+
+    with pytest.raises(ValueError) as e:
+        ScoreConfig(**kwargs)
+    assert str(e.value) == message
+    assert ScoreConfig(influence_eps=[1, 2]).influence_eps == (1.0, 2.0)  # normalised like YAML values
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"ratio_clip": float("nan")}, "ratio_clip: must be a finite number, got nan"),
+    ({"ratio_clip": 0.0}, "ratio_clip: must be > 0, got 0.0"),
+    ({"aggregation": "sum"}, "aggregation: must be one of seq-mean-token-mean, token-mean, got 'sum'"),
+    ({"temperature": -1}, "temperature: must be > 0, got -1.0"),
+])
+def test_grad_config_is_checked_when_made(kwargs, message):
+    from cropi.policy_grad import GradConfig
+
+    with pytest.raises(ValueError) as e:
+        GradConfig(**kwargs)
+    assert str(e.value) == message
+
+
+def test_no_import_circle_between_config_loop_and_stages():
+    """The train layout is built without the training loop, and the stage code's RunSpec is a
+    real import (not one hidden behind TYPE_CHECKING)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, typing; from cropi import config; config.train_layout(); "
+            "assert 'cropi.train.loop' not in sys.modules, 'config imported the loop'; "
+            "from cropi.train import stages; typing.get_type_hints(stages.open_stage); "
+            "assert 'cropi.train.loop' not in sys.modules, 'stages imported the loop'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -2,8 +2,9 @@
 
 One step: draw `batch_prompts` prompts from the current stage's shard, sample `group_size`
 responses each in one batched call, verify them, turn rewards into advantages, and take
-`mu_updates` clipped-surrogate updates on that batch. This module is the recipe: the run
-spec, the run folder, resume and the step loop. Its components: `stages` (open or --rescore a
+`mu_updates` clipped-surrogate updates on that batch. This module is the recipe (`train`)
+and its named steps: the run folder, resume and the step loop (the run spec is
+`cropi.train.config.RunSpec`). Its components: `stages` (open or --rescore a
 stage), `groups` (sample and verify groups, dynamic sampling, VCRL, RL-PLUS), `step` (pack and
 update), `logs` (evaluation rows, metrics.jsonl, TensorBoard); the math is in
 `cropi.advantages`, `losses` and `samplers`.
@@ -54,122 +55,24 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from cropi import config, models, schema
+from cropi import models, schema
 from cropi.evaluate import load_set, set_names
 from cropi.runtime import derive_seed, progress
 from cropi.train import checkpoint as ckpt
 from cropi.train import scale
-from cropi.train.config import TrainConfig
+from cropi.train.config import RunSpec
 from cropi.train.logs import eval_now, tb_row, tensorboard, truncate_metrics
 from cropi.train.plot import plot_curves
-from cropi.train.stages import check_stages, open_stage
+from cropi.train.stages import Stage, check_stages, open_stage
 from cropi.train.step import train_step
 
 WALL_CLOCK_FIELDS = ("seconds",)  # the only metrics that differ between identical runs
-
-
-# ---------------------------------------------------------------------------- run spec
-
-
-@dataclass
-class RunSpec:
-    """Everything that defines a run: what to train, on what, and how (`train`)."""
-
-    curriculum: str
-    model: str = models.TINY
-    targets: list[str] = field(default_factory=list)  # eval sets; --rescore's target gradients
-    heldout: list[str] = field(default_factory=list)  # eval-only sets
-    rescore: bool = False  # score + select a missing next stage with the current checkpoint
-    trajectories: str | None = None  # the offline pool --rescore scores
-    selector: str = "popi"
-    ratio: float = 0.1
-    projector: str = "sjlt"
-    k: int = 8192
-    combine: str = "mean"
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
-        return {
-            **d,
-            "targets": list(self.targets),
-            "heldout": list(self.heldout),
-            "train": self.train.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict, path="config") -> RunSpec:
-        """From a config.yaml mapping; unknown keys and bad trainer options raise InputError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise schema.InputError(
-                path, None, unknown[0], f"unknown run option (known: {', '.join(sorted(names))})"
-            )
-        if not d.get("curriculum"):
-            raise schema.InputError(path, None, "curriculum", "missing (--curriculum DIR)")
-        try:
-            train = TrainConfig.from_dict(d.get("train") or {})
-        except ValueError as e:
-            raise schema.InputError(path, None, "train", str(e)) from None
-        out = {k: v for k, v in d.items() if k != "train"}
-        for key in ("targets", "heldout"):
-            out[key] = [str(p) for p in out.get(key) or []]
-        for key in ("curriculum", "trajectories"):
-            if out.get(key) is not None:
-                out[key] = str(out[key])
-        return cls(**out, train=train)
-
-
-def resolve_spec(
-    run_dir, *, resume: bool, config_file=None, overrides=(), run_options: dict, train_options: dict
-) -> RunSpec:
-    """The RunSpec of `cropi train`, checked by `cropi.config.train_layout()`.
-
-    Fresh run: `config_file` (a config.yaml layout; optional) with `key=value` `overrides`, then
-    the options given (None = not given). Resume: RUN/config.yaml; a config file, overrides and
-    options given must equal its values.
-    """
-    given_run = {k: v for k, v in run_options.items() if v is not None and v != ()}
-    given_train = {k: v for k, v in train_options.items() if v is not None}
-    for key in ("targets", "heldout"):
-        if key in given_run:
-            given_run[key] = [str(p) for p in given_run[key]]
-    for key in ("curriculum", "trajectories"):
-        if key in given_run:
-            given_run[key] = str(given_run[key])
-    over = config.parse_overrides(overrides)
-    flags = {**given_run, "train": given_train}
-    sources = {**config.override_sources(over), **config.override_sources(flags, "options")}
-    given = config.merge(config.read_yaml(config_file) if config_file else {}, over, flags)
-    layout = config.train_layout()
-    if resume:
-        path = Path(run_dir) / "config.yaml"
-        if not path.exists():
-            raise schema.InputError(path, None, None, "no such file: nothing to resume")
-        saved = RunSpec.from_dict(config.resolve(config.read_yaml(path), layout, path), path)
-        want = RunSpec.from_dict(
-            config.resolve(config.merge(saved.to_dict(), given), layout, config_file or "--resume", sources),
-            "--resume",
-        )
-        old, new = saved.to_dict(), want.to_dict()
-        pairs = [(k, new[k], old[k]) for k in old if k != "train"]
-        pairs += [(k, new["train"][k], old["train"][k]) for k in old["train"]]
-        for name, value, had in pairs:
-            if value != had:
-                raise schema.InputError(
-                    path, None, name, f"--resume: given {value!r}, but the run has {had!r}"
-                )
-        return saved
-    return RunSpec.from_dict(
-        config.resolve(given, layout, config_file or "options", sources), config_file or "options"
-    )
 
 
 # ---------------------------------------------------------------------------- schedule, signals
@@ -217,6 +120,43 @@ def stop_on_signals(flag: StopFlag):
             signal.signal(s, h)
 
 
+@dataclass
+class Run:
+    """What a run carries from step to step; a checkpoint holds all of it."""
+
+    dir: Path
+    spec: RunSpec
+    policy: models.Policy
+    ref: torch.nn.Module | None  # frozen reference policy (kl_beta > 0)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    base_info: dict  # the starting model's cropi.json, carried into every checkpoint's
+    step: int = 0  # global steps done
+    seen: int = 0  # groups generated so far
+    stage: Stage | None = None
+    stage_state: dict | None = None  # a resumed stage's sampling state, applied when it opens
+
+    @property
+    def total(self) -> int:
+        return self.spec.train.stages * self.spec.train.steps_per_stage
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "prompts_seen": self.seen,
+            "stage": self.stage.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "config": self.spec.to_dict(),
+            "version": 1,
+        }
+
+    def save(self) -> Path:
+        info = {**self.base_info, "trained_from": self.spec.model, "step": self.step,
+                "stage": self.stage.index, "seed": self.spec.train.seed, "run": str(self.dir)}
+        return ckpt.save(self.dir, self.step, self.policy, self.state_dict(), info)
+
+
 def train(
     run_dir,
     spec: RunSpec,
@@ -233,148 +173,166 @@ def train(
     """
     from cropi.distributed import default_device
 
-    run_dir = Path(run_dir)
-    device = default_device(device)
-    cfg = spec.train
-    n_stages = check_stages(spec)
-    spec = dataclasses.replace(spec, train=dataclasses.replace(cfg, stages=n_stages))
-    cfg = spec.train
-    total = n_stages * cfg.steps_per_stage
-    metrics_path = run_dir / "metrics.jsonl"
-    latest = ckpt.latest(run_dir) if resume else None
-    if not resume and (metrics_path.exists() or ckpt.checkpoints(run_dir)):
-        raise schema.InputError(
-            run_dir,
-            None,
-            None,
-            "already holds a run: pass --resume to continue it or choose another --run",
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with schema.atomic_file(run_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-
-    info_file = Path(str(models.resolve(spec.model))) / "cropi.json"
-    base_info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    if cfg.bf16:
-        scale.check_bf16(device)
-    # float32 master weights whatever the device's default dtype (AdamW on bf16 weights drifts)
-    policy = scale.load_policy(spec.model, latest, cfg, device)
-    ref = None
-    if cfg.kl_beta > 0:  # the frozen reference is the run's initial model
-        ref = models.load(spec.model, device=device, dtype=torch.float32).model.requires_grad_(
-            False
-        )
-    opt = torch.optim.AdamW(scale.trainable(policy.model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: lr_factor(i, cfg.warmup_steps, total, cfg.lr_schedule)
-    )
-
-    step, seen, stage, stage_state = 0, 0, None, None
-    if latest is not None:
-        state = ckpt.load_state(latest)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        step, seen, stage_state = int(state["step"]), int(state["prompts_seen"]), state["stage"]
-    else:
-        ckpt.seed_rngs(derive_seed(cfg.seed, "global-rngs"))
-    truncate_metrics(metrics_path, step if latest is not None else -1)
-    sets = {
-        "target": dict(zip(set_names(spec.targets), map(load_set, spec.targets))),
-        "heldout": dict(zip(set_names(spec.heldout), map(load_set, spec.heldout))),
-    }
-    has_eval = bool(spec.targets or spec.heldout)
-
-    def state_dict() -> dict:
-        return {
-            "step": step,
-            "prompts_seen": seen,
-            "stage": stage.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "config": spec.to_dict(),
-            "version": 1,
-        }
-
-    def save() -> Path:
-        info = {
-            **base_info,
-            "trained_from": spec.model,
-            "step": step,
-            "stage": stage.index,
-            "seed": cfg.seed,
-            "run": str(run_dir),
-        }
-        return ckpt.save(run_dir, step, policy, state_dict(), info)
-
-    tb = tensorboard(run_dir, step)
-    flag = StopFlag()
-    stopped, last_ckpt, last_eval = None, latest, None
-    steps_done, t_start = 0, time.time()
-    bar = progress(total=total, desc="train", unit="step", initial=step)
-    try:
-        with stop_on_signals(flag), metrics_path.open("a") as mf:
-
-            def log(row):
-                mf.write(json.dumps(row) + "\n")
-                mf.flush()
-                if tb is not None:
-                    tb_row(tb, row)
-
-            if step == 0 and has_eval:
-                last_eval = eval_now(policy, sets, cfg, 0, 0, run_dir)
-                log(last_eval)
-            while step < total:
-                if max_steps is not None and step >= max_steps:
-                    stopped = 0
-                    break
-                s = step // cfg.steps_per_stage
-                if stage is None or stage.index != s:
-                    name = spec.model if step == 0 else str(ckpt.checkpoint_dir(run_dir, step))
-                    stage = open_stage(s, spec, policy, run_dir, name)
-                    if stage_state is not None and stage_state["index"] == s:
-                        stage.load_state_dict(stage_state)
-                    stage_state = None
-                t0 = time.time()
-                row = train_step(policy, ref, opt, stage, cfg, step + 1)
-                with warnings.catch_warnings():  # the schedule follows global steps, updates or not
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    sched.step()
-                step += 1
-                steps_done += 1
-                seen += row["generated"]
-                row["prompts_seen"] = seen
-                row["seconds"] = round(time.time() - t0, 3)
-                log(row)
-                if has_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                    last_eval = eval_now(policy, sets, cfg, step, s, run_dir)
-                    log(last_eval)
-                bar.update(1)
-                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", seen=seen)
-                stage_end = step % cfg.steps_per_stage == 0
-                if (
-                    flag.signum is not None
-                    or step == max_steps
-                    or stage_end
-                    or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                ):
-                    last_ckpt = save()
-                if flag.signum is not None:
-                    stopped = flag.signum
-                    break
-    finally:
-        bar.close()
-        if tb is not None:
-            tb.close()
-    plot_curves(metrics_path, run_dir / "plots" / "curves.png")
+    run_dir, device = Path(run_dir), default_device(device)
+    spec = with_stage_count(spec)
+    latest = checkpoint_to_resume(run_dir, resume)
+    sets = load_eval_sets(spec)  # every input is read before anything is written
+    run = start(run_dir, spec, latest, device)
+    write_config(run)
+    truncate_metrics(run_dir / "metrics.jsonl", run.step if latest is not None else -1)
+    cfg, has_eval = spec.train, bool(spec.targets or spec.heldout)
+    stopped, last_ckpt, last_eval, steps_done, t_start = None, latest, None, 0, time.time()
+    with metrics_log(run) as log, stop_on_signals(StopFlag()) as flag, progress_bar(run) as bar:
+        if run.step == 0 and has_eval:
+            last_eval = log(eval_now(run.policy, sets, cfg, 0, 0, run_dir))
+        while run.step < run.total:
+            if max_steps is not None and run.step >= max_steps:
+                stopped = 0
+                break
+            row = log(take_step(run))
+            steps_done += 1
+            if has_eval and ((cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total):
+                last_eval = log(eval_now(run.policy, sets, cfg, run.step, run.stage.index, run_dir))
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", seen=run.seen)
+            if flag.signum is not None or run.step == max_steps or checkpoint_due(run):
+                last_ckpt = run.save()
+            if flag.signum is not None:
+                stopped = flag.signum
+                break
+    plot_curves(run_dir / "metrics.jsonl", run_dir / "plots" / "curves.png")
     elapsed = time.time() - t_start
     return {
         "run": str(run_dir),
-        "step": step,
-        "stage": stage.index if stage else None,
-        "total_steps": total,
+        "step": run.step,
+        "stage": run.stage.index if run.stage else None,
+        "total_steps": run.total,
         "stopped": stopped,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "eval": last_eval,
         "steps_per_s": round(steps_done / elapsed, 4) if steps_done else None,
     }
+
+
+# ---------------------------------------------------------------------------- the recipe's steps
+
+
+def with_stage_count(spec: RunSpec) -> RunSpec:
+    """`spec` with train.stages set to the stages this run trains (`check_stages` validates the
+    curriculum and the --rescore inputs)."""
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, stages=check_stages(spec)))
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    """The newest checkpoint when resuming (None: start from the spec's model); a fresh run
+    refuses a folder that already holds one."""
+    if resume:
+        return ckpt.latest(run_dir)
+    if (run_dir / "metrics.jsonl").exists() or ckpt.checkpoints(run_dir):
+        raise schema.InputError(
+            run_dir, None, None, "already holds a run: pass --resume to continue it or choose another --run"
+        )
+    return None
+
+
+def load_eval_sets(spec: RunSpec) -> dict:
+    """{"target": {name: prompt rows}, "heldout": {...}} of the run's eval sets."""
+    return {
+        "target": dict(zip(set_names(spec.targets), map(load_set, spec.targets))),
+        "heldout": dict(zip(set_names(spec.heldout), map(load_set, spec.heldout))),
+    }
+
+
+def start(run_dir: Path, spec: RunSpec, latest: Path | None, device: str) -> Run:
+    """Policy (float32 master weights whatever the device's default dtype: AdamW on bf16 weights
+    drifts), reference, optimizer and schedule; restored from `latest`, else freshly seeded."""
+    cfg = spec.train
+    info_file = Path(str(models.resolve(spec.model))) / "cropi.json"
+    base_info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    if cfg.bf16:
+        scale.check_bf16(device)
+    policy = scale.load_policy(spec.model, latest, cfg, device)
+    ref = None
+    if cfg.kl_beta > 0:  # the frozen reference is the run's initial model
+        ref = models.load(spec.model, device=device, dtype=torch.float32).model.requires_grad_(False)
+    opt = torch.optim.AdamW(scale.trainable(policy.model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.stages * cfg.steps_per_stage
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: lr_factor(i, cfg.warmup_steps, total, cfg.lr_schedule)
+    )
+    run = Run(run_dir, spec, policy, ref, opt, sched, base_info)
+    if latest is None:
+        ckpt.seed_rngs(derive_seed(cfg.seed, "global-rngs"))
+        return run
+    state = ckpt.load_state(latest)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    run.step, run.seen, run.stage_state = int(state["step"]), int(state["prompts_seen"]), state["stage"]
+    return run
+
+
+def write_config(run: Run) -> None:
+    """RUN/config.yaml: the resolved spec (written once every input has been read)."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    with schema.atomic_file(run.dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(run.spec.to_dict(), sort_keys=False))
+
+
+@contextmanager
+def metrics_log(run: Run):
+    """Yield `log(row) -> row`: one line of RUN/metrics.jsonl (flushed) and TensorBoard scalars."""
+    tb = tensorboard(run.dir, run.step)
+    try:
+        with (run.dir / "metrics.jsonl").open("a") as mf:
+
+            def log(row: dict) -> dict:
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+                if tb is not None:
+                    tb_row(tb, row)
+                return row
+
+            yield log
+    finally:
+        if tb is not None:
+            tb.close()
+
+
+@contextmanager
+def progress_bar(run: Run):
+    bar = progress(total=run.total, desc="train", unit="step", initial=run.step)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def take_step(run: Run) -> dict:
+    """One global step: open the step's stage when it changes (from the spec's model at step 0,
+    else from the newest weights' checkpoint name), update, advance the schedule. Returns the
+    train metrics row."""
+    cfg = run.spec.train
+    s = run.step // cfg.steps_per_stage
+    if run.stage is None or run.stage.index != s:
+        name = run.spec.model if run.step == 0 else str(ckpt.checkpoint_dir(run.dir, run.step))
+        run.stage = open_stage(s, run.spec, run.policy, run.dir, name)
+        if run.stage_state is not None and run.stage_state["index"] == s:
+            run.stage.load_state_dict(run.stage_state)
+        run.stage_state = None
+    t0 = time.time()
+    row = train_step(run.policy, run.ref, run.opt, run.stage, cfg, run.step + 1)
+    with warnings.catch_warnings():  # the schedule follows global steps, updates or not
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        run.sched.step()
+    run.step += 1
+    run.seen += row["generated"]
+    row["prompts_seen"] = run.seen
+    row["seconds"] = round(time.time() - t0, 3)
+    return row
+
+
+def checkpoint_due(run: Run) -> bool:
+    """A checkpoint at every stage end and every `checkpoint_every` steps."""
+    every = run.spec.train.checkpoint_every
+    return run.step % run.spec.train.steps_per_stage == 0 or bool(every and run.step % every == 0)

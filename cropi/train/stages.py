@@ -6,17 +6,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cropi import curriculum, models, schema, tasks
 from cropi.rewards import rewards as task_rewards
 from cropi.runtime import derive_seed
+from cropi.train.config import RunSpec
 from cropi.train.samplers import PromptSampler, RLVEController, VCRLBank
-
-if TYPE_CHECKING:
-    from cropi.train.loop import RunSpec
 
 
 @dataclass
