@@ -247,17 +247,6 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
 # ---------------------------------------------------------------------------- the command
 
 
-def target_names(paths) -> list[str]:
-    names = []
-    for p in paths:
-        base = Path(p).name.split(".")[0] or "target"
-        name, j = base, 2
-        while name in names:
-            name, j = f"{base}{j}", j + 1
-        names.append(name)
-    return names
-
-
 def _subsample(table: pa.Table, n: int | None, seed: int) -> pa.Table:
     if n is None or table.num_rows <= n:
         return table
@@ -294,7 +283,7 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
         if schema.detect_kind(t) != "trajectories":
             raise schema.InputError(p, None, "responses", "a target set needs responses and rewards: roll it out first (cropi rollout --prompts ...)")
         target_tables.append(schema.validate(t, "trajectories", p))
-    tnames = target_names(targets)
+    tnames = schema.target_names(targets)
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     policy = policy or models.load(model, device=device, dtype=DTYPES.get(cfg.dtype))
