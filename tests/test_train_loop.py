@@ -2,7 +2,9 @@
 
 Truths used: hand-computed pass@k and learning-rate values, brute-force pass@k over every
 k-subset, plain autograd of the batch loss for micro-batching, an uninterrupted run for resume,
-and the tiny default's measured learning curve (effect sizes in the comments).
+the tiny default's measured learning curve (effect sizes in the comments), and for every trainer
+option hand formulas (advantages, penalties, masks, log-probs, the surrogate, clipping, AdamW,
+the sampling rules) applied to what a spy records of one or two real steps.
 """
 
 import dataclasses
