@@ -18,7 +18,7 @@ import torch
 
 from cropi import models, rewards, schema, tasks
 from cropi.runtime import MAX_NEW_TOKENS, derive_seed, progress
-from cropi.score import target_names as set_names  # one naming rule: eval names == score__<name>
+from cropi.schema import target_names as set_names  # one naming rule: eval names == score__<name>
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cropi.layer_grads import _plain_embedding
 from cropi.policy_grad import GradConfig, _unit_objective, build_units
 from cropi.projection import HASH_VERSION, make_projector
 from cropi.runtime import derive_seed
@@ -65,10 +66,6 @@ class KronBlock:
     @property
     def dim(self) -> int:
         return self.k_rows * self.k_cols + (self.k_rows if self.bias else 0)
-
-
-def _plain_embedding(m) -> bool:
-    return isinstance(m, torch.nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
 
 
 def covered_weights(model: torch.nn.Module, names: list[str]) -> list[tuple[str, list, str | None]]:

@@ -45,11 +45,15 @@ from cropi.policy_grad import (
     unit_gradients,
 )
 from cropi.projection import Accumulator, Projector
+from cropi.train import scale
 
 _BLOCK_ENTRIES = 1 << 25  # per-prompt block floats formed at once (128 MiB); at least one prompt's
 
 
 def _plain_embedding(m) -> bool:
+    """An nn.Embedding whose weight gradient is the plain scatter of its output-gradients onto the
+    rows of the tokens used (no max_norm renormalising, no frequency scaling, dense): the rule the
+    per-layer hooks and the kron projector (`cropi.kron`) apply."""
     return isinstance(m, torch.nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
 
 
@@ -422,26 +426,9 @@ class LayerGrads:
 
     # ------------------------------------------------------------------ gradient checkpointing
 
-    @contextlib.contextmanager
     def _checkpointed(self):
-        """Recompute each transformer block's forward in the backward (re-entrant checkpoint)."""
-        if not self.checkpointing:
-            yield
-            return
-        layers = _blocks(self.model)
-        saved = []
-        for layer in layers:
-            orig = layer.forward
-            saved.append((layer, "forward" in layer.__dict__, orig))
-            layer.forward = _checkpoint_forward(orig)
-        try:
-            yield
-        finally:
-            for layer, had, orig in saved:
-                if had:
-                    layer.forward = orig
-                else:
-                    del layer.forward
+        """Recompute each decoder layer's forward in the backward (``scale.checkpointing``)."""
+        return scale.checkpointing(self.model, self.checkpointing)
 
 
 def _graph_uses(J: torch.Tensor, names_by_id: dict[int, str]) -> dict[str, int]:
@@ -472,30 +459,6 @@ def _leaf_embeddings(model):
         return None
 
     return model.get_input_embeddings().register_forward_hook(hook)
-
-
-def _checkpoint_forward(orig):
-    from torch.utils.checkpoint import checkpoint
-
-    def forward(hidden_states, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            return orig(hidden_states, *args, **kwargs)
-        return checkpoint(lambda h: orig(h, *args, **kwargs), hidden_states, use_reentrant=True)
-
-    return forward
-
-
-def _blocks(model) -> list[torch.nn.Module]:
-    """The transformer blocks: children of the ModuleList holding the most parameters."""
-    best, size = None, 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList):
-            n = sum(p.numel() for p in m.parameters())
-            if n > size:
-                best, size = m, n
-    if best is None:
-        raise ValueError("gradient checkpointing: no list of transformer blocks found in the model")
-    return list(best)
 
 
 @contextlib.contextmanager

@@ -67,6 +67,21 @@ SCORES_FIELDS = (
 )
 SCORE_PREFIX = "score__"
 
+
+def target_names(paths) -> list[str]:
+    """One name per target set: its file name up to the first dot, made unique with 2, 3, ...
+    (``val.traj.parquet`` -> ``val``). Scores are ``SCORE_PREFIX + name`` and `cropi eval` reports
+    the same names."""
+    names = []
+    for p in paths:
+        base = Path(p).name.split(".")[0] or "target"
+        name, j = base, 2
+        while name in names:
+            name, j = f"{base}{j}", j + 1
+        names.append(name)
+    return names
+
+
 FEATURE_INDEX_SCHEMA = pa.schema(
     [
         ("id", pa.string()),

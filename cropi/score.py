@@ -300,17 +300,6 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
 # ---------------------------------------------------------------------------- the command
 
 
-def target_names(paths) -> list[str]:
-    names = []
-    for p in paths:
-        base = Path(p).name.split(".")[0] or "target"
-        name, j = base, 2
-        while name in names:
-            name, j = f"{base}{j}", j + 1
-        names.append(name)
-    return names
-
-
 def _subsample(table: pa.Table, n: int | None, seed: int) -> pa.Table:
     if n is None or table.num_rows <= n:
         return table
@@ -403,7 +392,7 @@ def read_inputs(trajectories, targets: list, columns: dict | None, split: str | 
             raise schema.InputError(p, None, "responses", "a target set needs responses and rewards: roll it out first (cropi rollout --prompts ...)")
         target_tables.append(schema.validate(t, "trajectories", p))
     return Inputs(pool, table, schema.content_sha256(pool), [Path(p) for p in targets], target_tables,
-                  target_names(targets), [schema.content_sha256(p) for p in targets])
+                  schema.target_names(targets), [schema.content_sha256(p) for p in targets])
 
 
 def load_policies(model: str, behavior_model: str | None, cfg: ScoreConfig, device: str,

@@ -6,7 +6,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from cropi import curriculum, export, rewards, schema, tasks
+from cropi import curriculum, export, schema, tasks
 from cropi.integrations import trl as cropi_trl
 from cropi.integrations import verl as cropi_verl
 
@@ -21,10 +21,13 @@ def stage(tmp_path_factory):
     return root
 
 
-def _texts(rows):
-    """Right, wrong and partly-right responses in several forms for each row."""
-    return [[f"Answer: {r['answer']}", f"\\boxed{{{r['answer']}}}", f"Answer: {r['answer']}.", "Answer: 12345", ""]
-            for r in rows]
+def _cases(rows):
+    """(response, expected reward) pairs for each row, the expectation written by hand: the gold
+    answer after each marker the verifier reads passes; a wrong final answer, a right answer
+    followed by a later wrong one, and no answer fail."""
+    return [[(f"Answer: {r['answer']}", 1.0), (f"\\boxed{{{r['answer']}}}", 1.0),
+             (f"12345 is a guess.\n#### {r['answer']}", 1.0), ("Answer: 12345", 0.0),
+             (f"Answer: {r['answer']}\nAnswer: 12345", 0.0), ("", 0.0)] for r in rows]
 
 
 def test_verl_export_keeps_metadata_and_scores_like_cropi(stage):
@@ -32,11 +35,10 @@ def test_verl_export_keeps_metadata_and_scores_like_cropi(stage):
     rows = schema.read_table(stage / "cur" / "stage-000" / "train.parquet").to_pylist()
     exported = pq.read_table(out).to_pylist()
     assert [e["extra_info"]["metadata"] for e in exported] == [r["metadata"] for r in rows]
-    for e, r, texts in zip(exported, rows, _texts(rows)):
-        for t in texts:
-            want = rewards.reward(t, r["answer"], r["task"], r["metadata"])
+    for e, cases in zip(exported, _cases(rows)):
+        for t, want in cases:
             got = cropi_verl.compute_score(e["data_source"], t, e["reward_model"]["ground_truth"], e["extra_info"])
-            assert got == want
+            assert got == want, (e["ability"], t)
     # without the metadata the fraction_simplification scorer cannot give full credit: the defect
     frac = next(e for e in exported if e["ability"] == "fraction_simplification")
     right = f"Answer: {frac['reward_model']['ground_truth']}"
@@ -67,15 +69,15 @@ def test_trl_reward_matches_cropi_for_plain_and_chat_completions(stage):
     out = export.export_stage(stage / "cur", 0, "trl", stage / "t.parquet")
     ds = datasets.load_dataset("parquet", data_files=str(out), split="train")
     rows = schema.read_table(stage / "cur" / "stage-000" / "train.parquet").to_pylist()
-    flat = [(r, t) for r, ts in zip(rows, _texts(rows)) for t in ts]
-    want = [rewards.reward(t, r["answer"], r["task"], r["metadata"]) for r, t in flat]
+    flat = [(r, t) for r, cases in zip(rows, _cases(rows)) for t, _ in cases]
+    want = [w for cases in _cases(rows) for _, w in cases]
     by_id = {x["id"]: x for x in ds}
     kw = {k: [by_id[r["id"]][k] for r, _ in flat] for k in ("answer", "task", "metadata", "id", "difficulty")}
     prompts = [by_id[r["id"]]["prompt"] for r, _ in flat]
     assert cropi_trl.reward(prompts, [t for _, t in flat], **kw) == want
     chat = [[{"role": "assistant", "content": t}] for _, t in flat]
     assert cropi_trl.reward(prompts, chat, **kw) == want
-    assert sum(want) >= len(rows)  # the right answers are there
+    assert sum(want) == 3 * len(rows) and len(want) == 6 * len(rows)
 
 
 def test_grpo_trainer_step_logs_cropi_rewards(stage, tmp_path):
@@ -88,11 +90,16 @@ def test_grpo_trainer_step_logs_cropi_rewards(stage, tmp_path):
     policy = models.load("tiny")
     out = export.export_stage(stage / "cur", 0, "trl", tmp_path / "t.parquet", chat=policy.chat_template)
     ds = datasets.load_dataset("parquet", data_files=str(out), split="train").select(range(4))
+    gold = {repr(x["prompt"]): x["answer"] for x in ds}
     seen = []
 
     def spy(prompts, completions, **kw):
-        r = cropi_trl.reward(prompts, completions, **kw)
-        seen.extend(zip(completions, kw["answer"], kw["task"], kw["metadata"], r))
+        """Scores, in TRL's completion format, the gold answer of each prompt (looked up in the
+        dataset, not in what TRL passes) for even completions and a wrong one for odd ones."""
+        texts = [f"Answer: {gold[repr(p)]}" if j % 2 == 0 else "Answer: 12345" for j, p in enumerate(prompts)]
+        texts = [[{"role": "assistant", "content": t}] if isinstance(c, list) else t for t, c in zip(texts, completions)]
+        r = cropi_trl.reward(prompts, texts, **kw)
+        seen.extend(r)
         return r
 
     spy.__name__ = "cropi_reward"
@@ -105,9 +112,8 @@ def test_grpo_trainer_step_logs_cropi_rewards(stage, tmp_path):
     trainer = trl.GRPOTrainer(model=policy.model, processing_class=tok, reward_funcs=[spy], args=args, train_dataset=ds)
     trainer.train()
     logged = list(trainer._logs["rewards"]["cropi_reward"])
-    assert len(seen) >= 4 and logged == [r for *_, r in seen][-len(logged):]
-    again = [rewards.reward(c, a, t, m) for c, a, t, m, _ in seen]
-    assert again == [r for *_, r in seen]
+    assert len(seen) >= 4 and seen == [1.0, 0.0] * (len(seen) // 2)
+    assert logged == seen[-len(logged):]
     mean = next(h for h in trainer.state.log_history if "rewards/cropi_reward/mean" in h)["rewards/cropi_reward/mean"]
     assert mean == pytest.approx(sum(logged) / len(logged))
 

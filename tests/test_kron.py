@@ -196,13 +196,31 @@ def test_score_pipeline_with_kron(policy, tmp_path):
     assert feats.shape == (12, proj.k)
     status = index.column("status").to_pylist()
     assert status.count("zero_signal") == 2 and not feats[np.array(status) == "zero_signal"].any()
-    cr = meta["check_rank"]
-    assert cr["n"] == 10 and 0.0 <= cr["precision"] <= 1.0 and -1.0 <= cr["spearman"] <= 1.0
-    # rows equal kron features of the same prompts computed directly
+    # --check-rank against exact cosines over the covered weights from plain autograd, one prompt at
+    # a time: all 10 ok prompts are checked; precision@10 % is whether the top prompt agrees
+    from scipy.stats import spearmanr
+
     from cropi import schema
     from cropi.score import prepare
 
     prep = prepare(loaded, schema.read_table(pool, "trajectories"), pool)
+    tprep = prepare(loaded, schema.read_table(target, "trajectories"), target)
+
+    def exact_grad(pr, i):
+        blp = models.response_logprobs(loaded, [pr.prompt_ids[i]] * len(pr.responses[i]), pr.responses[i])
+        ref = reference_grads(loaded, pr.prompt_ids[i], pr.responses[i], pr.rewards[i], blp)
+        return torch.cat([ref[n].flatten() for n in proj.names]).double()
+
+    t_ok = [i for i in range(5) if len(set(tprep.rewards[i])) > 1]
+    g_v = torch.stack([exact_grad(tprep, i) for i in t_ok]).mean(0)
+    rows = [i for i, s in enumerate(status) if s == "ok"]
+    exact = np.array([float(torch.nn.functional.cosine_similarity(exact_grad(prep, i), g_v, dim=0)) for i in rows])
+    projected = pq.read_table(tmp_path / "s" / "scores.parquet").column("score").to_numpy()[rows]
+    cr = meta["check_rank"]
+    assert cr["n"] == len(rows) == 10 and len(t_ok) == 4
+    assert cr["spearman"] == pytest.approx(spearmanr(exact, projected).statistic, abs=1e-9)
+    assert cr["precision"] == float(np.argmax(exact) == np.argmax(projected))
+    # rows equal kron features of the same prompts computed directly
     ok = [i for i, s in enumerate(status) if s == "ok"][:3]
     cfg_g = GradConfig()
     w = [token_weights(prep.rewards[i], [len(r) for r in prep.responses[i]], cfg_g) for i in ok]

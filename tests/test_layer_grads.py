@@ -219,8 +219,10 @@ def lora(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
     policy = fresh_policy(seed=4)
     models.save(policy.model, policy.tokenizer, d / "model", {"kind": "tiny"})
-    peft_model = get_peft_model(fresh_policy(seed=4).model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                        init_lora_weights=False))
+    with torch.random.fork_rng(devices=[]):  # the adapter's random A and B: the same every run
+        torch.manual_seed(0)
+        peft_model = get_peft_model(fresh_policy(seed=4).model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                            init_lora_weights=False))
     peft_model.save_pretrained(d / "adapter")
     return d
 
@@ -278,6 +280,26 @@ def test_score_options_recorded_and_paths_agree(lora, tmp_path):
     meta = json.loads((tmp_path / "bf16" / "meta.json").read_text())
     assert meta["compute_dtype"] == "bfloat16" and meta["adapter"]["gradients"] == "adapter parameters only"
     assert meta["n_params"] == 8 * 4 * 32 and meta["config"]["dtype"] == "bf16"
+    # the numbers: each bf16 row against float32 plain autograd of the adapter, through the same map
+    policy = S.with_adapter(models.load(str(lora / "model")), lora / "adapter")
+    names = select_params(policy.model)
+    refs = reference_features(policy, names, lora / "pool.parquet", make_projector("sjlt", param_dim(policy.model, names), 32, 0).project)
+    got = torch.from_numpy(features.load(tmp_path / "bf16" / "features")[0])
+    cos = torch.nn.functional.cosine_similarity(got, refs, dim=1)
+    # bf16 rounding only: measured min cos 0.9999, rel 0.015 (with a log-softmax of the bf16 logits
+    # not upcast to float32: 0.9989, 0.026)
+    assert float(cos.min()) > 0.9995 and 1e-4 < rel(got, refs) < 0.02, (cos, rel(got, refs))
+
+
+def reference_features(policy, names, pool, project):
+    """Projected plain-autograd gradients [P, k] of every prompt of a pool file (on-policy: the
+    behaviour log-probs are the policy's own, float32)."""
+    prep = S.prepare(policy, schema.read_table(pool, "trajectories"), pool)
+    out = []
+    for p, rs, rw in zip(prep.prompt_ids, prep.responses, prep.rewards):
+        blp = models.response_logprobs(policy, [p] * len(rs), rs)
+        out.append(project(plain_grad(policy.model, names, p, rs, rw, blp)[None])[0])
+    return torch.stack(out)
 
 
 def test_score_with_trak_projector(lora, tmp_path):
@@ -287,6 +309,19 @@ def test_score_with_trak_projector(lora, tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "trak" / "meta.json").read_text())
     assert meta["projector"]["kind"] == "trak" and meta["projector"]["impl"] == "trak-basic-100"
+    # the numbers: TRAK's own projector applied to plain-autograd gradients
+    from trak.projectors import BasicProjector
+
+    from cropi import features
+
+    policy = models.load(str(lora / "model"))
+    names = select_params(policy.model)
+    raw = BasicProjector(param_dim(policy.model, names), 32, 0, "rademacher", "cpu", block_size=100, dtype=torch.float32)
+    refs = reference_features(policy, names, lora / "pool.parquet",
+                              lambda g: raw.project(g.contiguous(), model_id=0) / math.sqrt(32))
+    got = torch.from_numpy(features.load(tmp_path / "trak" / "features")[0])
+    for j in range(len(refs)):
+        assert rel(got[j], refs[j]) < 1e-4, j
 
 
 def test_refusals_are_one_line(lora, tmp_path, monkeypatch):

@@ -225,13 +225,22 @@ def test_block_additivity(kind, d, kw):
     torch.testing.assert_close(parts, whole, atol=1e-4, rtol=1e-5)
 
 
-def test_half_precision_inputs_are_upcast():
-    x = torch.randn(2, 300).to(torch.bfloat16)
-    proj = make_projector("sjlt", 300, 32, 0)
-    out = proj.project(x)
+@pytest.mark.parametrize("kind,kw", [("sjlt", {}), ("sjlt", {"s": 2}), ("dense", {})])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_half_and_double_inputs_are_projected_in_float32(kind, kw, dtype):
+    """Against the explicit matrix of the documented rules applied in float64 to the input's exact
+    values: a float32 product agrees to ~1e-6 of the output's scale; a product in bf16/fp16 (or
+    an input rounded to them) would be off by ~1e-3 to 1e-2."""
+    d, k, seed = 300, 32, 4
+    if kind == "sjlt":
+        p = ref_sjlt_matrix(seed, d, k, kw.get("s", 1), range(d))
+    else:
+        p = np.array([[ref_dense_entry(seed, "rademacher", k, r, i) for i in range(d)] for r in range(k)])
+    x = (torch.randn(2, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3).to(dtype)
+    out = make_projector(kind, d, k, seed, **kw).project(x)
+    want = x.double().numpy() @ p.T
     assert out.dtype == torch.float32
-    assert torch.equal(out, proj.project(x.float()))
-    assert torch.equal(proj.project(x.half()), proj.project(x.half().float()))
+    np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
 # ------------------------------------------------------------------- statistics

@@ -41,7 +41,7 @@ def run(setup, out, **kw):
 
 
 def test_scores_contract_and_zero_signal_last(setup, tmp_path):
-    meta = run(setup, tmp_path / "s", check_rank=6)
+    meta = run(setup, tmp_path / "s")
     scores = schema.read_table(tmp_path / "s" / "scores.parquet", "scores")
     assert scores.column_names == ["id", "score", "score__t1", "score__t2", "rank", "pass_rate", "status"]
     status = np.array(scores.column("status").to_pylist())
@@ -57,7 +57,33 @@ def test_scores_contract_and_zero_signal_last(setup, tmp_path):
     feats, index = features.load(tmp_path / "s" / "features")
     assert feats.shape == (14, 64) and not feats[zero].any()
     assert (index.column("grad_norm").to_numpy()[zero] == 0).all()
-    assert meta["check_rank"]["n"] == 6 and meta["seed"] == 0 and meta["projector"]["kind"] == "sjlt"
+    assert "check_rank" not in meta and meta["seed"] == 0 and meta["projector"]["kind"] == "sjlt"
+
+
+def test_check_rank_with_exact_features_agrees_perfectly(setup, tmp_path):
+    """--projector identity scores with the exact gradients, so --check-rank, which compares the
+    scores with exact ones computed another way (per-layer inner products with each target's mean
+    gradient from plain backward), must find precision 1 and Spearman 1, overall and per target."""
+    meta = run(setup, tmp_path / "s", projector="identity", check_rank=11)
+    cr = meta["check_rank"]
+    assert meta["projector"]["kind"] == "identity" and cr["n"] == 11  # every ok prompt
+    assert cr["precision"] == 1.0 and cr["spearman"] == pytest.approx(1.0, abs=1e-12)
+    for t in ("score__t1", "score__t2"):
+        assert cr["per_target"][t]["precision"] == 1.0 and cr["per_target"][t]["spearman"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_target_names_live_with_the_scores_schema(tmp_path):
+    """One naming rule for score columns and eval sets (schema.target_names); `cropi eval`'s module
+    does not import the scorer for it."""
+    import subprocess
+    import sys
+
+    assert schema.target_names(["a/val.traj.parquet", "b/val.parquet", "c/.x", "test.parquet"]) == [
+        "val", "val2", "target", "test"]
+    code = "import sys, cropi.evaluate as e; assert e.set_names is __import__('cropi.schema').schema.target_names; " \
+           "assert 'cropi.score' not in sys.modules, 'cropi.evaluate imports cropi.score'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_killed_score_resumes_byte_identical(setup, tmp_path, monkeypatch):

@@ -95,6 +95,47 @@ def test_activation_checkpointing_gives_the_same_gradient(tiny_policy):
         assert (ckd[n] - plain[n]).norm() <= 1e-5 * plain[n].norm(), n
 
 
+def test_one_checkpointing_wrapper_recomputes_each_layer_and_reaches_frozen_inputs(tiny_policy):
+    """`scale.checkpointing` (the trainer's, and the per-layer scorer's through cropi.layer_grads):
+    every decoder layer runs once without grad and again with grad in the backward; with frozen
+    embeddings (LoRA), whose output needs no grad, the adapters' gradient still equals plain
+    autograd's (rel. 1e-5); the layers' own forwards are restored, an instance forward included."""
+    model = scale.add_lora(copy.deepcopy(tiny_policy.model), rank=4, alpha=8.0, targets="q_proj,v_proj", seed=0)
+    with torch.no_grad():  # B != 0, so that A has a gradient too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+    ids = torch.tensor([tiny_policy.tokenizer("12+30=\nAnswer: 42")["input_ids"]] * 2)
+    attn = torch.ones_like(ids)
+
+    def grads(enabled):
+        model.zero_grad(set_to_none=True)
+        with scale.checkpointing(model, enabled):
+            models.token_logprobs(model, ids, attn).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    layers = scale.decoder_layers(model)
+    assert layers and layers[0].mlp is not None
+    seen = []
+    handles = [layer.mlp.register_forward_hook(lambda *a: seen.append(torch.is_grad_enabled())) for layer in layers]
+    mine = layers[1].forward
+    layers[1].forward = mine  # an instance forward set by someone else: restored as it was
+    try:
+        plain = grads(False)
+        assert seen == [True] * len(layers)
+        seen.clear()
+        ckd = grads(True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [False] * len(layers) + [True] * len(layers)  # forwards without grad, recomputes in backward
+    assert vars(layers[1])["forward"] is mine and not any("forward" in vars(x) for x in layers if x is not layers[1])
+    del layers[1].forward
+    assert plain and all(float(g.norm()) > 0 for g in plain.values())
+    for n in plain:
+        assert (ckd[n] - plain[n]).norm() <= 1e-5 * plain[n].norm(), n
+
+
 def test_bf16_autocast_update_is_close_to_float32(tiny_policy):
     """Same batch, bf16 autocast forward: the gradient points the same way (cosine > 0.99) and is
     not bit-identical (bf16 did run)."""

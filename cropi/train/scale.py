@@ -7,8 +7,8 @@ each micro-batch runs in chunks (`models.token_logprobs`). Here: the three switc
   under ``torch.autocast(dtype=bfloat16)``; weights, gradients and the optimizer stay float32
   and log-probs, losses and advantages are computed in float32.
 - grad_checkpointing: each decoder layer is recomputed in backward instead of keeping its
-  activations (``torch.utils.checkpoint``, non-reentrant), so a micro-batch keeps only the
-  layer inputs. It does not use the model's training mode: dropout stays off as in the rest
+  activations (`checkpointing`, also used by the per-layer scorer), so a micro-batch keeps only
+  the layer inputs. It does not use the model's training mode: dropout stays off as in the rest
   of the trainer.
 - LoRA (``peft``): only the adapter matrices train; checkpoints hold the adapter, the base
   model is the run's ``model``.
@@ -59,27 +59,42 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def _checkpointed(forward, *args, **kwargs):
+def _checkpointed(forward, hidden_states, *args, **kwargs):
     if not torch.is_grad_enabled():  # nothing to recompute for
-        return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(hidden_states, *args, **kwargs)
+    if not hidden_states.requires_grad:  # frozen embeddings (LoRA, scoring): nothing upstream needs it
+        hidden_states = hidden_states.detach().requires_grad_()
+    return torch.utils.checkpoint.checkpoint(lambda h: forward(h, *args, **kwargs), hidden_states,
+                                             use_reentrant=True)
 
 
 @contextlib.contextmanager
 def checkpointing(model, enabled: bool):
-    """Within the block, every decoder layer's forward is activation-checkpointed (when grad is
-    enabled); the layers are restored afterwards."""
+    """Within the block, every decoder layer (`decoder_layers`) is activation-checkpointed while
+    grad is enabled; the layers are restored afterwards. The trainer and the per-layer scorer
+    (`cropi.layer_grads`) both use it.
+
+    Re-entrant ``torch.utils.checkpoint``: the layer's first forward runs without grad and keeps
+    only its input hidden states [B, T, H]; the backward re-runs it with grad. (The per-layer
+    scorer's hooks need that: they form their blocks in the re-run.) The re-entrant form
+    back-propagates only into the layer's parameters and its hidden-states input, so an input
+    that does not require grad (frozen embeddings under LoRA or when scoring) is made a leaf that
+    does; the layer's other inputs (masks, position embeddings) need no gradient."""
     if not enabled:
         yield
         return
     layers = decoder_layers(model)
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance forward already set
     for layer in layers:  # an instance attribute shadows the class's forward; hooks stay outside
         layer.forward = functools.partial(_checkpointed, layer.forward)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, fwd in zip(layers, own):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
 
 
 def add_lora(model, *, rank: int, alpha: float, targets: str, seed: int, adapter=None):
