@@ -39,7 +39,7 @@ validate: setup
 # the study's data; two processes (one per prompts-a-step value), then the table of all cells.
 CALIBRATE := OMP_NUM_THREADS=1 $(PY) -m pipelines.calibrate configs/validate.yaml --lr 2e-5 --lr 5e-5 --lr 1e-4 --lr 2e-4
 calibrate: setup
-	$(CALIBRATE) --batch 8 --data-only
+	OMP_NUM_THREADS=1 $(PY) -m pipelines.calibrate configs/validate.yaml --data-only
 	printf '%s\n' 8 32 | xargs -P 2 -I{} $(CALIBRATE) --batch {}
 	$(CALIBRATE) --batch 8 --batch 32
 

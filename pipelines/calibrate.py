@@ -108,9 +108,10 @@ def calibrate(cfg: dict, root: Path, lrs: list[float], batches: list[int], seeds
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: runs/NAME, shared with the study's data].")
-@click.option("--lr", "lrs", type=float, multiple=True, required=True, help="Learning rates, repeatable.")
-@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, required=True,
-              help="Prompts a step, repeatable.")
+@click.option("--lr", "lrs", type=click.FloatRange(min=0, min_open=True), multiple=True,
+              help="Learning rates, repeatable (at least one unless --data-only).")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True,
+              help="Prompts a step, repeatable (at least one unless --data-only).")
 @click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True, default=(0, 1, 2), show_default=True)
 @click.option("--method", "methods", type=click.Choice(["oracle", "full"]), multiple=True,
               default=("oracle", "full"), show_default=True)
@@ -121,6 +122,8 @@ def main(config_path, root, lrs, batches, seeds, methods, data_only):
     if data_only:
         cropi_loop.prepare_data(cfg, root or Path("runs") / cfg["name"])
         return
+    if not lrs or not batches:
+        raise click.UsageError("give at least one --lr and one --batch")
     rows = calibrate(cfg, root or Path("runs") / cfg["name"], list(lrs), list(batches), list(seeds), tuple(methods))
     click.echo(table(rows))
 

@@ -120,7 +120,8 @@ def test_overrides_are_yaml_values_validated_like_the_file():
                                                 "data.targets.extra=[count_bits:difficulty=1]"])
     assert got["train"]["lr"] == 0.001 and isinstance(got["train"]["lr"], float)
     assert got["compare"]["seeds"] == [0] and got["rollout"]["n"] == 4
-    assert got["data"]["targets"] == {"target": "default", "extra": ["count_bits:difficulty=1"]}
+    assert got["data"]["targets"] == {**base["data"]["targets"], "extra": ["count_bits:difficulty=1"]}
+    assert "extra" not in base["data"]["targets"]
     for section in ("score", "select", "compare"):
         if section != "compare":
             assert got[section] == base[section]
