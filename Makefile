@@ -28,11 +28,13 @@ demo: setup
 	$(VENV)/bin/cropi run configs/tiny.yaml
 
 # The selection study (configs/validate.yaml): data and θ_0's scores once, then one process per
-# seed, two at a time (one thread each: the tiny model gains nothing from more), then the table.
+# (method, seed), two at a time (one thread each: the tiny model gains nothing from more), cropi's
+# re-scoring runs first, then the table over all of them.
 VALIDATE := OMP_NUM_THREADS=1 $(VENV)/bin/cropi run configs/validate.yaml
+STUDY_RUNS := $(foreach s,0 1 2 3 4,cropi:$(s)) $(foreach m,full oracle random learnability cropi-norescore,$(foreach s,0 1 2 3 4,$(m):$(s)))
 validate: setup
-	$(VALIDATE) --method cropi-norescore --seed 0
-	printf '%s\n' 0 1 2 3 4 | xargs -P 2 -I{} $(VALIDATE) --seed {}
+	$(VALIDATE) --method cropi-norescore --seed 0 >/dev/null
+	printf '%s\n' $(STUDY_RUNS) | xargs -P 2 -I{} sh -c 'r={}; $(VALIDATE) --method $${r%%:*} --seed $${r##*:} >/dev/null'
 	$(VALIDATE)
 
 # The study's calibration (docs/calibration.md): oracle and full data over lr × prompts a step, on

@@ -78,6 +78,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def finished_cells(root: Path) -> list[dict]:
+    """Every (lr, batch, method) cell under ROOT/calibrate with the seeds that finished."""
+    cells = []
+    for sub in sorted((Path(root) / "calibrate").glob("lr*-b*")):
+        lr, batch = sub.name[2:].rsplit("-b", 1)
+        by: dict = {}
+        for base in sorted(sub.glob("*-s*")):
+            if (base / "done.json").exists():
+                method, seed = base.name.rsplit("-s", 1)
+                by.setdefault(method, []).append({"seed": int(seed), **{m: gains(base, m) for m in compare.METRICS}})
+        cells += [{"lr": float(lr), "batch": int(batch), "method": m, "runs": runs} for m, runs in sorted(by.items())]
+    return cells
+
+
+def write(root: Path, cfg: dict, cells: list[dict], grid: dict) -> list[dict]:
+    """ROOT/calibration.{json,md} from ``cells``; returns the summary rows."""
+    rows = summarize(cells)
+    compare.write_json_strict({"config": cfg["name"], "train": cfg["train"], "grid": grid, "rows": rows, "cells": cells},
+                              Path(root) / "calibration.json")
+    (Path(root) / "calibration.md").write_text(table(rows) + "\n")
+    return rows
+
+
 def calibrate(cfg: dict, root: Path, lrs: list[float], batches: list[int], seeds: list[int],
               methods: tuple[str, ...] = ("oracle", "full")) -> list[dict]:
     """Train every (lr, batch, method, seed) on the study's data (``cfg`` = its resolved config),
@@ -96,12 +119,7 @@ def calibrate(cfg: dict, root: Path, lrs: list[float], batches: list[int], seeds
                     base = cropi_loop.run_method(c, method, seed, data, sub)
                     runs.append({"seed": seed, **{m: gains(base, m) for m in compare.METRICS}})
                 cells.append({"lr": lr, "batch": batch, "method": method, "runs": runs})
-    rows = summarize(cells)
-    compare.write_json_strict({"config": cfg["name"], "train": cfg["train"], "grid": {"lr": lrs, "batch": batches,
-                               "seeds": seeds, "methods": list(methods)}, "rows": rows, "cells": cells},
-                              root / "calibration.json")
-    (root / "calibration.md").write_text(table(rows) + "\n")
-    return rows
+    return write(root, cfg, cells, {"lr": lrs, "batch": batches, "seeds": seeds, "methods": list(methods)})
 
 
 @click.command()
@@ -116,15 +134,20 @@ def calibrate(cfg: dict, root: Path, lrs: list[float], batches: list[int], seeds
 @click.option("--method", "methods", type=click.Choice(["oracle", "full"]), multiple=True,
               default=("oracle", "full"), show_default=True)
 @click.option("--data-only", is_flag=True, help="Only make the study's data and offline rollout, then stop.")
-def main(config_path, root, lrs, batches, seeds, methods, data_only):
+@click.option("--table-only", is_flag=True, help="Only the table of the runs that finished, training nothing.")
+def main(config_path, root, lrs, batches, seeds, methods, data_only, table_only):
     """Calibrate the study in CONFIG_PATH: oracle and full data over a grid of lr × prompts a step."""
     cfg = cropi_loop.load_config(config_path)
+    root = root or Path("runs") / cfg["name"]
     if data_only:
-        cropi_loop.prepare_data(cfg, root or Path("runs") / cfg["name"])
+        cropi_loop.prepare_data(cfg, root)
+        return
+    if table_only:
+        click.echo(table(write(root, cfg, finished_cells(root), {"finished runs only": True})))
         return
     if not lrs or not batches:
         raise click.UsageError("give at least one --lr and one --batch")
-    rows = calibrate(cfg, root or Path("runs") / cfg["name"], list(lrs), list(batches), list(seeds), tuple(methods))
+    rows = calibrate(cfg, root, list(lrs), list(batches), list(seeds), tuple(methods))
     click.echo(table(rows))
 
 

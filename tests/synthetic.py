@@ -1,6 +1,8 @@
-"""Synthetic per-prompt data for the gradient tests (token ids of the tiny char tokenizer)."""
+"""Synthetic per-prompt data for the gradient tests (token ids of the tiny char tokenizer), and the
+plain-autograd reference gradient they are checked against."""
 
 import numpy as np
+import torch
 
 
 def prompts(n, G, seed, prompt_len=(3, 9), resp_len=(1, 7), vary_len=True):
@@ -17,3 +19,27 @@ def prompts(n, G, seed, prompt_len=(3, 9), resp_len=(1, 7), vary_len=True):
         blp = [(-rng.uniform(0.5, 5.0, len(r))).tolist() for r in resps]
         out.append((p, resps, rewards, blp))
     return out
+
+
+def plain_grad(model, names, p, resps, rewards, blp):
+    """g_x by hand: A with numpy, each response alone (no padding), plain .backward(); flat [d]."""
+    params = dict(model.named_parameters())
+    flags = {n: q.requires_grad for n, q in params.items()}
+    for n, q in params.items():
+        q.requires_grad_(n in names)
+        q.grad = None
+    r = np.asarray(rewards)
+    A = (r - r.mean()) / (r.std(ddof=1) + 1e-4)
+    J = 0.0
+    for i, resp in enumerate(resps):
+        ids = torch.tensor([p + resp])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)[len(p) - 1:]
+        J = J + torch.exp(lp - torch.tensor(blp[i])).sum() * A[i] / (len(resps) * len(resp))
+    J.backward()
+    g = torch.cat([torch.zeros(params[n].numel()) if params[n].grad is None else params[n].grad.flatten().float()
+                   for n in names])
+    for n, q in params.items():
+        q.grad = None
+        q.requires_grad_(flags[n])
+    return g

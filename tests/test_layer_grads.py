@@ -17,30 +17,6 @@ from cropi.policy_grad import GradConfig, param_dim, prompt_gradients, select_pa
 from cropi.projection import Inner, make_projector
 
 
-def plain_grad(model, names, p, resps, rewards, blp):
-    """g_x by hand: A with numpy, each response alone (no padding), plain .backward(); flat [d]."""
-    params = dict(model.named_parameters())
-    flags = {n: q.requires_grad for n, q in params.items()}
-    for n, q in params.items():
-        q.requires_grad_(n in names)
-        q.grad = None
-    r = np.asarray(rewards)
-    A = (r - r.mean()) / (r.std(ddof=1) + 1e-4)
-    J = 0.0
-    for i, resp in enumerate(resps):
-        ids = torch.tensor([p + resp])
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)[len(p) - 1:]
-        J = J + torch.exp(lp - torch.tensor(blp[i])).sum() * A[i] / (len(resps) * len(resp))
-    J.backward()
-    g = torch.cat([torch.zeros(params[n].numel()) if params[n].grad is None else params[n].grad.flatten().float()
-                   for n in names])
-    for n, q in params.items():
-        q.grad = None
-        q.requires_grad_(flags[n])
-    return g
-
-
 def args_of(batch, cfg=GradConfig()):
     w = [token_weights(rw, [len(r) for r in rs], cfg) for _, rs, rw, _ in batch]
     return [b[0] for b in batch], [b[1] for b in batch], w, [b[3] for b in batch]
@@ -70,7 +46,7 @@ def test_per_layer_equals_vmap_and_plain_autograd(small_policy, batch, kind, kw)
     cfg = GradConfig()
     f_layer, n_layer = layer_grads.prompt_gradients(small_policy, *args_of(batch), names, cfg, proj, micro_batch=64)
     f_vmap, n_vmap = prompt_gradients(small_policy, *args_of(batch), names, cfg, proj)
-    refs = torch.stack([plain_grad(model, names, *b) for b in batch])
+    refs = torch.stack([synthetic.plain_grad(model, names, *b) for b in batch])
     if kind == "trak":  # the reference goes through TRAK's own projector, not through cropi
         from trak.projectors import BasicProjector
 
@@ -110,7 +86,7 @@ def test_parameter_subsets(small_policy, batch, spec):
     ident = make_projector("identity", d, d)
     f, n = layer_grads.prompt_gradients(small_policy, *args_of(batch), names, GradConfig(), ident)
     for j, b in enumerate(batch):
-        ref = plain_grad(model, names, *b)
+        ref = synthetic.plain_grad(model, names, *b)
         assert rel(f[j], ref) < 1e-4
         assert float(n[j]) == pytest.approx(float(ref.double().norm()), rel=1e-5)
 
@@ -142,7 +118,7 @@ def test_parameters_no_hook_covers_fall_back_to_vmap_exactly(batch):
         layer_grads.LayerGrads._vmap_fallback = orig
     assert seen == [["model.layers.0.self_attn.gate"]]
     for j, b in enumerate(batch):
-        assert rel(f[j], plain_grad(policy.model, names, *b)) < 1e-4
+        assert rel(f[j], synthetic.plain_grad(policy.model, names, *b)) < 1e-4
 
 
 def test_gradient_checkpointing_recomputes_and_changes_nothing(small_policy, batch):
@@ -165,7 +141,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(small_policy, bat
 
 def test_inner_projector_gives_exact_dot_products(small_policy, batch):
     names = select_params(small_policy.model)
-    refs = torch.stack([plain_grad(small_policy.model, names, *b) for b in batch])
+    refs = torch.stack([synthetic.plain_grad(small_policy.model, names, *b) for b in batch])
     V = torch.randn(3, refs.shape[1], generator=torch.Generator().manual_seed(0))
     dots, _ = layer_grads.prompt_gradients(small_policy, *args_of(batch), names, GradConfig(), Inner(V))
     torch.testing.assert_close(dots, refs @ V.T, rtol=1e-4, atol=1e-6)
@@ -237,7 +213,7 @@ def test_lora_adapter_gradients_are_the_adapter_parameters_only(lora, batch):
     f_layer, _ = layer_grads.prompt_gradients(policy, *args_of(batch), names, GradConfig(), ident)
     f_vmap, _ = prompt_gradients(policy, *args_of(batch), names, GradConfig(), ident)
     for j, b in enumerate(batch):
-        ref = plain_grad(policy.model, names, *b)
+        ref = synthetic.plain_grad(policy.model, names, *b)
         assert float(ref.norm()) > 0
         assert rel(f_layer[j], ref) < 1e-4 and rel(f_vmap[j], ref) < 1e-4
 
@@ -298,7 +274,7 @@ def reference_features(policy, names, pool, project):
     out = []
     for p, rs, rw in zip(prep.prompt_ids, prep.responses, prep.rewards):
         blp = models.response_logprobs(policy, [p] * len(rs), rs)
-        out.append(project(plain_grad(policy.model, names, p, rs, rw, blp)[None])[0])
+        out.append(project(synthetic.plain_grad(policy.model, names, p, rs, rw, blp)[None])[0])
     return torch.stack(out)
 
 
@@ -360,7 +336,7 @@ def test_smollm2_per_layer_equals_plain_autograd(smollm2):
     f, n = layer_grads.prompt_gradients(smollm2, *args_of(batch), names, GradConfig(), sjlt)
     params = dict(model.named_parameters())
     for j, b in enumerate(batch):
-        ref = plain_grad(model, names, *b)
+        ref = synthetic.plain_grad(model, names, *b)
         # projected by parameter blocks (block-additive, and the blocks' hashes are already cached)
         proj, o = torch.zeros(8192), 0
         for name in names:

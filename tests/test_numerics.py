@@ -201,30 +201,6 @@ def small_model(seed=5):
     return models.Policy(model, tok, "tiny-test", "-")
 
 
-def by_hand(model, names, p, resps, rewards, blp):
-    """g_x by plain autograd, each response alone: A = (r − mean) / (std + 1e-4), J = Σ_i Σ_t A_i ρ / (G |y_i|)."""
-    import torch
-
-    params = dict(model.named_parameters())
-    flags = {n: q.requires_grad for n, q in params.items()}
-    for n, q in params.items():
-        q.requires_grad_(n in names)
-        q.grad = None
-    r = np.asarray(rewards)
-    A = (r - r.mean()) / (r.std(ddof=1) + 1e-4)
-    J = 0.0
-    for i, resp in enumerate(resps):
-        ids = torch.tensor([p + resp])
-        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[len(p) - 1:, 0]
-        J = J + torch.exp(lp - torch.tensor(blp[i])).sum() * A[i] / (len(resps) * len(resp))
-    J.backward()
-    g = torch.cat([params[n].grad.flatten().float() for n in names])
-    for n, q in params.items():
-        q.grad = None
-        q.requires_grad_(flags[n])
-    return g
-
-
 def per_layer_vs_vmap_vs_by_hand(policy, names):
     import synthetic
 
@@ -240,7 +216,7 @@ def per_layer_vs_vmap_vs_by_hand(policy, names):
     f_layer, n_layer = layer_grads.prompt_gradients(policy, *args, names, GradConfig(), ident)
     f_vmap, _ = prompt_gradients(policy, *args, names, GradConfig(), ident)
     for j, b in enumerate(batch):
-        ref = by_hand(policy.model, names, *b)
+        ref = synthetic.plain_grad(policy.model, names, *b)
         for f in (f_layer[j], f_vmap[j]):
             assert float((f - ref).norm() / ref.norm()) < 1e-4
         assert float(n_layer[j]) == pytest.approx(float(ref.double().norm()), rel=1e-5)
