@@ -31,21 +31,9 @@ def gold_prob_by_hand(policy, row, temperature=1.0) -> float:
 def test_gold_probability_matches_one_sequence_at_a_time(small_policy, temperature):
     got = evaluate.gold_probability(small_policy, ROWS, temperature=temperature, batch=2)
     want = [gold_prob_by_hand(small_policy, r, temperature) for r in ROWS]
-    assert got["per_prompt"] == pytest.approx(want, rel=1e-4)
-    assert got["gold_prob"] == pytest.approx(np.mean(want), rel=1e-4) and got["n"] == 3
-
-
-def test_gold_probability_is_the_chance_a_sample_is_the_gold_string(small_policy):
-    """For a model that puts almost all mass on one string, p(gold) is ≈ 1 when the gold is that
-    string and ≈ 0 otherwise: sharpen the random model until greedy = sample, then compare."""
-    tok = small_policy.tokenizer
-    row = {"prompt": "q", "answer": "7"}
-    greedy = models.sample(small_policy, models.encode_prompts(small_policy, [row["prompt"]]), temperature=0.0,
-                           max_new_tokens=12)[0]
-    text = tok.decode(greedy, skip_special_tokens=True)
-    p_cold = evaluate.gold_probability(small_policy, [row], temperature=1e-3)["gold_prob"]
-    is_gold = text == "Answer: 7" and greedy[-1] == tok.eos_token_id
-    assert (p_cold > 0.99) if is_gold else (p_cold < 1e-6)
+    # a random model gives p ~ 1e-20: relative tolerance only (pytest.approx's default abs=1e-12 would pass anything)
+    assert got["per_prompt"] == pytest.approx(want, rel=1e-4, abs=0)
+    assert got["gold_prob"] == pytest.approx(np.mean(want), rel=1e-4, abs=0) and got["n"] == 3
 
 
 def test_warmup_records_recipe_and_stops_by_rule(tmp_path, monkeypatch):
@@ -111,3 +99,30 @@ def test_compare_reads_both_metrics(tmp_path):
     assert compare.read_curves(run, "gold")["heldout"] == [0.05, 0.05]
     assert compare.per_prompt(run, 5, "gold") == {"targeted": [0.1, 0.3]}
     assert compare.per_prompt(run, 5, "accuracy") == {"targeted": [0.5, 0.5]}
+
+
+def test_calibration_table_of_finished_runs_only(tmp_path):
+    """--table-only: cells and seeds are read from ROOT/calibrate/lr<LR>-b<B>/<method>-s<seed>;
+    a run without done.json (still running, or killed) is left out."""
+    def run(cell, name, gold, done=True):
+        base = tmp_path / "calibrate" / cell / name
+        (base / "run").mkdir(parents=True)
+        (base / "run" / "config.yaml").write_text("train:\n  group_size: 8\n")
+        rows = [{"event": "eval", "step": s, "target": {"t_test": 0.5}, "heldout": {"h": 0.1},
+                 "target_gold": {"t_test": g}, "heldout_gold": {"h": 0.2}} for s, g in enumerate(gold)]
+        (base / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if done:
+            (base / "done.json").write_text("{}")
+
+    run("lr0.0001-b32", "oracle-s0", [0.2, 0.25])
+    run("lr0.0001-b32", "oracle-s1", [0.2, 0.23])
+    run("lr0.0001-b32", "oracle-s2", [0.2, 0.9], done=False)
+    run("lr2e-05-b8", "full-s0", [0.2, 0.19])
+    cells = calibrate.finished_cells(tmp_path)
+    assert [(c["lr"], c["batch"], c["method"], [r["seed"] for r in c["runs"]]) for c in cells] == [
+        (0.0001, 32, "oracle", [0, 1]), (2e-05, 8, "full", [0])]
+    rows = {(r["lr"], r["method"], r["metric"]): r for r in calibrate.summarize(cells)}
+    assert rows[(0.0001, "oracle", "gold")]["gain"] == pytest.approx(0.04)
+    assert rows[(0.0001, "oracle", "gold")]["seed_sd"] == pytest.approx(0.02 / math.sqrt(2))
+    assert rows[(2e-05, "full", "gold")]["gain"] == pytest.approx(-0.01) and rows[(2e-05, "full", "gold")]["seed_sd"] is None
+    assert rows[(0.0001, "oracle", "accuracy")]["gain"] == 0.0
