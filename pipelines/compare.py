@@ -113,6 +113,15 @@ def selection_shares(cur_dir: Path, families: set[str]) -> list[dict]:
     return out
 
 
+def stage_shares(method_dir: Path, families: set[str]) -> list[dict]:
+    """`selection_shares` of every stage a method trained on: those made before training
+    (METHOD-sSEED/curriculum) and those its re-scoring made (METHOD-sSEED/run/curriculum)."""
+    by = {r["stage"]: r for r in selection_shares(method_dir / "curriculum", families)}
+    if (method_dir / "run" / "curriculum").exists():
+        by.update({r["stage"]: r for r in selection_shares(method_dir / "run" / "curriculum", families)})
+    return [by[s] for s in sorted(by)]
+
+
 def steps_to_reach(steps: list[int], acc: list, level) -> float | None:
     """First eval step whose accuracy ≥ level (None when never reached or no level)."""
     if level is None:
@@ -175,7 +184,7 @@ def summarize_metric(runs: dict, families: set[str], metric: str) -> dict:
                 "acceleration": full_steps / reach if reach and full_steps else None,
                 "rollouts": c["rollouts"],
                 "wall_seconds": json.loads(done.read_text()).get("seconds") if done.exists() else None,
-                "selection": selection_shares(d / "curriculum", families),
+                "selection": stage_shares(d, families),
                 "curves": c,
             })
             finals.setdefault(m, {})[int(seed)] = (per_prompt(d / "run", c["steps"][-1], metric) if c["steps"] else {},

@@ -126,3 +126,23 @@ def test_calibration_table_of_finished_runs_only(tmp_path):
     assert rows[(0.0001, "oracle", "gold")]["seed_sd"] == pytest.approx(0.02 / math.sqrt(2))
     assert rows[(2e-05, "full", "gold")]["gain"] == pytest.approx(-0.01) and rows[(2e-05, "full", "gold")]["seed_sd"] is None
     assert rows[(0.0001, "oracle", "accuracy")]["gain"] == 0.0
+
+
+def test_stage_shares_include_the_rescored_stages(tmp_path):
+    """cropi's stage 0 is made before training (METHOD-sSEED/curriculum), its later stages by the
+    trainer's re-scoring (METHOD-sSEED/run/curriculum): the study reports the share of every one."""
+    import pyarrow as pa
+
+    from cropi import curriculum
+
+    def rows(tasks_):
+        return pa.Table.from_pylist([{"id": f"{t}-{i}", "prompt": "p", "answer": "1", "task": t, "difficulty": 0,
+                                      "split": "train"} for i, t in enumerate(tasks_)])
+
+    d = tmp_path / "cropi-s0"
+    curriculum.write_stage(d / "curriculum", rows(["tgt", "tgt", "x", "y"]), {"selector": "popi"})
+    curriculum.write_stage(d / "run" / "curriculum", rows(["tgt", "x", "x", "x"]), {"selector": "popi"}, stage=1)
+    curriculum.write_stage(d / "run" / "curriculum", rows(["tgt"] * 4), {"selector": "popi"}, stage=2)
+    shares = compare.stage_shares(d, {"tgt"})
+    assert [(r["stage"], r["target_share"]) for r in shares] == [(0, 0.5), (1, 0.25), (2, 1.0)]
+    assert [r["target_share"] for r in compare.stage_shares(tmp_path / "none", {"tgt"})] == []
