@@ -399,8 +399,6 @@ def load_policies(model: str, behavior_model: str | None, cfg: ScoreConfig, devi
                   policy: models.Policy | None) -> tuple[models.Policy, models.Policy | None]:
     """The scored policy (``policy`` or ``model`` loaded, in ``cfg.dtype``, with ``cfg.adapter``)
     and the behaviour model (None without ``behavior_model``), which must share its tokenizer."""
-    if cfg.dtype is not None and cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     policy = policy or models.load(model, device=device, dtype=DTYPES.get(cfg.dtype))
     if cfg.dtype is not None:
         policy.model.to(DTYPES[cfg.dtype])
