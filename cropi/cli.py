@@ -427,6 +427,9 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @click.option("--grad-path", type=click.Choice(["auto", "per-layer", "vmap"]), default="auto", show_default=True,
               help="Per-prompt gradients by per-layer hooks in one batched backward, or by vmap (small models); "
                    "auto picks and records why in meta.json.")
+@click.option("--pool-grad", type=click.Choice(["plain", "sign"]), default="plain", show_default=True,
+              help="Pool features from g_x, or from sign(g_x): the direction of a first Adam step "
+                   "(Adam-preconditioned, as LESS; vmap path only). Target gradients stay plain.")
 @click.option("--device", type=Device(), default=None, help=DEVICE_HELP)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (settings must match).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
@@ -434,8 +437,8 @@ def rollout(prompts, model, n, temperature, top_p, max_new_tokens, seed, chunk, 
 @input_options
 def score(trajectories, targets, model, behavior_model, projector, k, density, sjlt_s, dist, seed, params, aggregation,
           adv_std, ratio_clip, combine, max_target, shard_size, batch, micro_batch, feature_dtype, check_rank, check_influence,
-          influence_eps, influence_lr, compute_dtype, adapter, grad_checkpointing, grad_path, device, resume, overwrite, out,
-          data_split, **kw):
+          influence_eps, influence_lr, compute_dtype, adapter, grad_checkpointing, grad_path, pool_grad, device, resume,
+          overwrite, out, data_split, **kw):
     """Per-prompt off-policy policy gradients -> projection -> cosine with target gradients.
 
     --prompt-column/--answer-column/--id-column and --split say how the pool (--trajectories) is
@@ -449,7 +452,7 @@ def score(trajectories, targets, model, behavior_model, projector, k, density, s
                         feature_dtype=feature_dtype, check_rank=check_rank, check_influence=check_influence,
                         influence_eps=tuple(influence_eps) or S.ScoreConfig.influence_eps, influence_lr=influence_lr,
                         dtype=compute_dtype, adapter=str(adapter) if adapter else None,
-                        grad_checkpointing=grad_checkpointing, grad_path=grad_path,
+                        grad_checkpointing=grad_checkpointing, grad_path=grad_path, pool_grad=pool_grad,
                         grad=GradConfig(aggregation=aggregation, adv_std=adv_std, ratio_clip=ratio_clip, params=params))
     resume = resume_or_fresh(resume, out)
     with dist_context() as (rank, world):

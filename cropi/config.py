@@ -485,10 +485,22 @@ def check_train(cfg: dict) -> None:
 # ---------------------------------------------------------------------------- cropi run
 
 
-METHODS = ("full", "random", "learnability", "vcrl", "oracle", "cropi-norescore", "cropi")
+METHODS = ("full", "random", "learnability", "vcrl", "oracle", "family-random", "cropi-norescore", "cropi")
+
+
+def check_params(cfg: dict, key: str) -> None:
+    """The gradient-parameter spec at ``key`` (score.params / params) reads as all | last:N | a regex."""
+    from cropi.policy_grad import check_params_spec
+
+    section, _, name = key.rpartition(".")
+    try:
+        check_params_spec((cfg[section] if section else cfg)[name])
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
 
 
 def _run_checks(cfg: dict) -> None:
+    check_params(cfg, "score.params")
     for name in cfg["data"]["heldout"]:
         if name.endswith("_test"):
             raise ConfigError(f"data.heldout.{name}", "names ending in _test are the targeted test sets; rename it")
@@ -536,6 +548,9 @@ def run_layout() -> Layout:
             Key("score.projector", str, "sjlt", "Gradient projector.", choices=(*projection.PROJECTORS, "kron")),
             Key("score.k", int, 8192, "Projected dimension.", lo=1),
             Key("score.combine", str, "mean", "How scores against several target sets combine.", choices=COMBINE),
+            Key("score.params", str, "all", "Parameters whose gradients score: all | last:N | a regex on names."),
+            Key("score.pool_grad", str, "plain", "Pool features from g_x (plain) or sign(g_x) (a first Adam step).",
+                choices=("plain", "sign")),
             Key("score.check_influence", int, 0,
                 "Pool prompts in the stage-0 check that scores predict one step's change of the target objective.",
                 lo=0),
@@ -569,4 +584,5 @@ def train_layout() -> Layout:
     """`cropi train --config` and RUN/config.yaml: RunSpec's options and the `train:` section."""
     from cropi.train.config import RunSpec, check_curriculum
 
-    return Layout("train config", (*keys_of(RunSpec), *train_keys()), checks=(check_curriculum, check_train))
+    return Layout("train config", (*keys_of(RunSpec), *train_keys()),
+                  checks=(check_curriculum, check_train, lambda cfg: check_params(cfg, "params")))

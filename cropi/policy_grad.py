@@ -271,7 +271,7 @@ def unit_gradients(policy: models.Policy, units: Units, names: list[str], cfg: G
 
 
 def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, behavior_logp, names: list[str],
-                     cfg: GradConfig, project, micro_batch: int = 64):
+                     cfg: GradConfig, project, micro_batch: int = 64, transform=None):
     """Project the gradients g_x of a batch of P prompts.
 
     Args:
@@ -279,9 +279,11 @@ def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, beha
         weights: P lists of G_x per-response weights (``token_weights``); behavior_logp: P lists of
         G_x per-token log β lists, or None per prompt for on-policy;
         project: a Projector (any kind: trak gets its whole vectors assembled), or a
-        callable(block [P, n] float32, offset) -> [P, k] contribution (a Projector.project).
+        callable(block [P, n] float32, offset) -> [P, k] contribution (a Projector.project);
+        transform: elementwise map of each prompt's summed gradient before projection (e.g.
+        torch.sign), or None.
     Returns:
-        features [P, k] float32, grad_norm [P] float64 (‖g_x‖₂, exact).
+        features [P, k] float32, grad_norm [P] float64 (‖g_x‖₂ of the plain gradient, exact).
     """
     units = build_units(prompt_ids, responses, weights, behavior_logp, policy.tokenizer.pad_token_id, micro_batch)
     grads = unit_gradients(policy, units, names, cfg)
@@ -295,6 +297,8 @@ def prompt_gradients(policy: models.Policy, prompt_ids, responses, weights, beha
         if g.shape[0] != P or not torch.equal(owner, torch.arange(P, device=owner.device)):
             g = torch.zeros(P, g.shape[1], device=g.device).index_add_(0, owner, g)
         sq += sq_norms(g)
+        if transform is not None:
+            g = transform(g)
         if acc is not None:
             acc.add(g, offset)
         else:

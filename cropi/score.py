@@ -17,6 +17,7 @@ import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,16 @@ from cropi.runtime import derive_seed, progress
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAD_PATHS = ("auto", "per-layer", "vmap")
+
+
+POOL_GRADS = ("plain", "sign")
+
+
+def pool_transform(cfg) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What each pool prompt's gradient goes through before projection: None (plain) or
+    ``torch.sign`` (``pool_grad=sign``). Adam's first step from a fresh state is lr·sign(g_x), so
+    cos(P sign(g_x), P ḡ_V) scores the first-order change of the target objective under it."""
+    return torch.sign if cfg.pool_grad == "sign" else None
 
 
 @dataclass
@@ -71,9 +82,16 @@ class ScoreConfig:
     grad_checkpointing: bool = option(False, "Recompute each block's forward in the backward (per-layer path).")
     # score() stores the path that runs back here: kron for the kron projector
     grad_path: str = option("auto", "How per-prompt gradients are formed.", choices=(*GRAD_PATHS, "kron"))
+    pool_grad: str = option("plain", "Pool features from g_x (plain) or from sign(g_x), the direction of a first "
+                                     "Adam step (Adam-preconditioned, as LESS); target gradients stay plain.",
+                            choices=POOL_GRADS)
 
     def __post_init__(self):
         check_fields(self)
+        if self.pool_grad == "sign" and self.check_rank:
+            raise ValueError("--check-rank compares with plain-gradient scores; it does not apply to --pool-grad sign")
+        if self.pool_grad == "sign" and self.dtype == "fp16":  # fp16 loss scaling needs features linear in the loss
+            raise ValueError("--pool-grad sign does not combine with --dtype fp16's loss scaling: use bf16 or fp32")
 
 
 FP16_LOSS_SCALES = (2.0**16, 2.0**12, 2.0**8, 2.0**4, 1.0)  # tried in turn while a batch overflows
@@ -84,11 +102,17 @@ VMAP_BYTES = 1 << 30  # auto: the vmap path only while a batch's P × d float32 
 def choose_grad_path(cfg: ScoreConfig, model, d: int) -> tuple[str, str]:
     """(path that runs, why): kron | per-layer | vmap."""
     if cfg.projector == "kron":
+        if cfg.pool_grad == "sign":
+            raise ValueError("--pool-grad sign needs a flat projector (kron projects Kronecker factors, not g_x)")
         if cfg.grad_path == "vmap":
             raise ValueError("--projector kron forms its features in one batched backward; --grad-path vmap does not apply")
         return "kron", "the kron projector forms its features from one batched backward"
     if cfg.grad_path not in GRAD_PATHS:
         raise ValueError(f"--grad-path must be one of {', '.join(GRAD_PATHS)}, got {cfg.grad_path!r}")
+    if cfg.pool_grad == "sign":  # sign(g_x) needs each prompt's whole gradient before projecting it
+        if cfg.grad_path == "per-layer" or cfg.grad_checkpointing:
+            raise ValueError("--pool-grad sign needs --grad-path vmap (per-layer projects partial gradients)")
+        return "vmap", "--pool-grad sign: each prompt's whole gradient before projection"
     if cfg.grad_path == "vmap" and cfg.grad_checkpointing:
         raise ValueError("--grad-checkpointing needs --grad-path per-layer (or auto)")
     if cfg.grad_path != "auto":
@@ -227,9 +251,10 @@ def batch_args(prep: Prepared, rows: list[int], loss: GradConfig, pool_std) -> t
 
 
 def compute_store(policy, prep: Prepared, store: Path, names, projector, cfg: ScoreConfig, meta: dict, *,
-                  resume: bool, rank: int = 0, world: int = 1, pool_std: float | None = None, bar=None) -> tuple[np.ndarray, int]:
+                  resume: bool, rank: int = 0, world: int = 1, pool_std: float | None = None, bar=None,
+                  transform=None) -> tuple[np.ndarray, int]:
     """Fill ``store`` with this rank's shards; return (sum of ok feature rows [k] float64, ok count)
-    over this rank's shards (for target means)."""
+    over this rank's shards (for target means). ``transform``: `pool_transform`'s (pool only)."""
     if rank == 0:
         F.init_store(store, meta, resume)
     barrier()
@@ -242,7 +267,7 @@ def compute_store(policy, prep: Prepared, store: Path, names, projector, cfg: Sc
             feats, index = F.read_shard(store, c)
             feats, status = np.asarray(feats, dtype=np.float64), index.column("status").to_pylist()
         else:
-            feats, status = _shard_features(policy, prep, lo, hi, names, projector, cfg, pool_std, store, c)
+            feats, status = _shard_features(policy, prep, lo, hi, names, projector, cfg, pool_std, store, c, transform)
         ok = np.array([s == "ok" for s in status])
         total += feats[ok].astype(np.float64).sum(0)
         count += int(ok.sum())
@@ -251,7 +276,7 @@ def compute_store(policy, prep: Prepared, store: Path, names, projector, cfg: Sc
     return total, count
 
 
-def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, pool_std, store, c):
+def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, pool_std, store, c, transform=None):
     feats = np.zeros((hi - lo, cfg.k), dtype=np.float32)
     norms = np.zeros(hi - lo)
     status, reason = [], []
@@ -275,7 +300,7 @@ def _shard_features(policy, prep, lo, hi, names, projector, cfg: ScoreConfig, po
                 f, gn = loss_scaled(layer_grads.prompt_gradients, policy, *args, names, loss, projector, cfg.micro_batch,
                                     cfg.grad_checkpointing)
             else:
-                f, gn = loss_scaled(prompt_gradients, policy, *args, names, loss, projector, cfg.micro_batch)
+                f, gn = loss_scaled(prompt_gradients, policy, *args, names, loss, projector, cfg.micro_batch, transform)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -331,7 +356,7 @@ def score(trajectories, targets: list, out, *, model: str = models.TINY, behavio
                                     rank=rank, world=world, pool_std=pool_std, bar=bar)
     compute_store(policy, prep, out / "features", names, projector, cfg,
                   {**store_meta, "source": str(inputs.pool.resolve()), "source_sha256": inputs.pool_sha256},
-                  resume=resume, rank=rank, world=world, pool_std=pool_std, bar=bar)
+                  resume=resume, rank=rank, world=world, pool_std=pool_std, bar=bar, transform=pool_transform(cfg))
     bar.close()
     barrier()
     if rank != 0:
@@ -464,6 +489,7 @@ def features_meta(model, behavior_model, policy, behavior, inputs: Inputs, names
         "loss_scale": "fp16: weights x 2^16, backed off by 2^4 while a batch overflows, results divided back"
         if is_fp16(policy) else None,
         "grad_path": grad_path,
+        "pool_grad": cfg.pool_grad,
         "grad_checkpointing": cfg.grad_checkpointing,
         "adapter": None if not cfg.adapter else {"path": str(cfg.adapter), "gradients": "adapter parameters only"},
         "shard_size": cfg.shard_size,

@@ -157,10 +157,11 @@ def _matrix(rows: list[dict], key: str) -> np.ndarray | None:
     return np.array(vals, dtype=np.float64)
 
 
-def summarize_metric(runs: dict, families: set[str], metric: str) -> dict:
+def summarize_metric(runs: dict, families: set[str], metric: str, ref: str = "cropi") -> dict:
     """runs: {method: [method-seed dirs]} -> {"methods": per method its seeds' figures and the
-    bootstrap intervals, "full_gain"} for one held-out ``metric`` (a key of METRICS)."""
-    out: dict = {"metric": metric, "label": METRICS[metric][2], "methods": {}}
+    bootstrap intervals (``minus_ref``: paired by seed with method ``ref``), "full_gain"} for one
+    held-out ``metric`` (a key of METRICS)."""
+    out: dict = {"metric": metric, "label": METRICS[metric][2], "ref": ref, "methods": {}}
     full = {Path(d).name.rsplit("-s", 1)[1]: read_curves(Path(d) / "run", metric) for d in runs.get("full", [])}
     finals: dict = {}
     for m, dirs in runs.items():
@@ -169,10 +170,10 @@ def summarize_metric(runs: dict, families: set[str], metric: str) -> dict:
             c = read_curves(d / "run", metric)
             seed = d.name.rsplit("-s", 1)[1]
             done = d / "done.json"
-            ref = full.get(seed)
-            level = ref["target"][-1] if ref and ref["target"] else None
+            fc = full.get(seed)
+            level = fc["target"][-1] if fc and fc["target"] else None
             reach = steps_to_reach(c["steps"], c["target"], level)
-            full_steps = ref["steps"][-1] if ref and ref["steps"] else None
+            full_steps = fc["steps"][-1] if fc and fc["steps"] else None
             rows.append({
                 "seed": int(seed),
                 "final_target": c["target"][-1] if c["target"] else None,
@@ -190,7 +191,7 @@ def summarize_metric(runs: dict, families: set[str], metric: str) -> dict:
             finals.setdefault(m, {})[int(seed)] = (per_prompt(d / "run", c["steps"][-1], metric) if c["steps"] else {},
                                                    per_prompt(d / "run", c["steps"][0], metric) if c["steps"] else {})
         out["methods"][m] = {"seeds": rows}
-    ref = finals.get("cropi", {})
+    base = finals.get(ref, {})
     for m, d in out["methods"].items():
         seeds = sorted(finals[m])
         fin = [finals[m][s][0] for s in seeds]
@@ -203,12 +204,12 @@ def summarize_metric(runs: dict, families: set[str], metric: str) -> dict:
         end = _matrix(fin, "targeted")
         if start is not None and end is not None and start.shape == end.shape:
             ci["gain"] = bootstrap_ci(end - start)
-        common = [s for s in seeds if s in ref]
-        if m != "cropi" and common:
+        common = [s for s in seeds if s in base]
+        if m != ref and common:
             a = _matrix([finals[m][s][0] for s in common], "targeted")
-            b = _matrix([ref[s][0] for s in common], "targeted")
+            b = _matrix([base[s][0] for s in common], "targeted")
             if a is not None and b is not None and a.shape == b.shape:
-                ci["minus_cropi"] = bootstrap_ci(a - b)
+                ci["minus_ref"] = bootstrap_ci(a - b)
         d["ci"] = ci
         stages = max((len(r["selection"]) for r in d["seeds"]), default=0)
         d["target_share"] = [float(np.mean([r["selection"][s]["target_share"] for r in d["seeds"] if len(r["selection"]) > s]))
@@ -289,10 +290,10 @@ def table(comp: dict) -> str:
 
 def metric_table(block: dict) -> str:
     """Markdown of one metric block: one row per method."""
-    methods = block["methods"]
+    methods, ref = block["methods"], block.get("ref", "cropi")
     has_full = "full" in methods
-    others = sorted({k for d in methods.values() for k in d.get("ci", {})} - {"targeted", "gradient", "gain", "minus_cropi"})
-    head = (["method", "targeted [95 % CI]", "minus cropi (paired) [95 % CI]", "gain over step 0 [95 % CI]"]
+    others = sorted({k for d in methods.values() for k in d.get("ci", {})} - {"targeted", "gradient", "gain", "minus_ref"})
+    head = (["method", "targeted [95 % CI]", f"minus {ref} (paired) [95 % CI]", "gain over step 0 [95 % CI]"]
             + list(others)
             + ["target-gradient prompts", "target share per stage", "steps to full-data final", "rollouts", "wall s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -310,7 +311,7 @@ def metric_table(block: dict) -> str:
             n = sum(x is not None for x in xs)
             reach = "not reached" if n == 0 else _ms(xs) + (f" ({n}/{len(s)} seeds)" if n < len(s) else "")
         share = " / ".join(f"{x:.2f}" for x in d.get("target_share", [])) or "—"
-        row = ([m, tgt, "reference" if m == "cropi" else _ci(ci.get("minus_cropi"), True), _ci(ci.get("gain"), True)]
+        row = ([m, tgt, "reference" if m == ref else _ci(ci.get("minus_ref"), True), _ci(ci.get("gain"), True)]
                + [_ci(ci.get(k)) for k in others]
                + [_ci(ci.get("gradient")), share, reach, str(int(np.mean([r["rollouts"] for r in s]))),
                   f"{np.mean([r['wall_seconds'] or 0 for r in s]):.0f}"])

@@ -18,6 +18,8 @@ batch × group) and the seeds:
 - ``random``: a fresh random 10 % per stage; ``learnability``: the top 10 % by p(1−p);
 - ``vcrl``: the whole pool with VCRL's variance-based group filtering and replay in the trainer;
 - ``oracle``: only the pool's prompts of the target families (by task name), one stage;
+- ``family-random``: a fresh random draw of the target families' pool prompts per stage, as many
+  as a 10 % stage (it separates choosing the family from CROPI's choice within it);
 - ``cropi-norescore``: the top 10 % by θ_0's scores (stage 0), one stage of stages × steps;
 - ``cropi``: popi selection re-scored with the current checkpoint before every stage.
 """
@@ -123,6 +125,8 @@ def _spec(cfg: dict, method: str, seed: int, data: dict, cur: Path) -> RunSpec:
         projector=sc["projector"],
         k=sc["k"],
         combine=sc["combine"],
+        params=sc["params"],
+        pool_grad=sc["pool_grad"],
         train=tc,
     )
 
@@ -148,6 +152,7 @@ def target_pool(data: dict) -> Path:
 def stage0_scores(cfg: dict, data: dict, spec: RunSpec) -> Path:
     """θ_0's scores of the pool (the same for every seed: computed once), with the influence check
     when ``score.check_influence`` > 0."""
+    from cropi.policy_grad import GradConfig
     from cropi.score import ScoreConfig, score
 
     sdir = Path(data["pool_traj"]).parent / "scores-stage-0"
@@ -156,7 +161,8 @@ def stage0_scores(cfg: dict, data: dict, spec: RunSpec) -> Path:
         score(data["pool_traj"], list(data["targets"].values()), sdir, model=spec.model, resume=sdir.exists(),
               cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg["seed"], combine=spec.combine,
                               check_influence=sc["check_influence"], influence_eps=tuple(sc["influence_eps"]),
-                              influence_lr=spec.train.lr),
+                              influence_lr=spec.train.lr, pool_grad=spec.pool_grad,
+                              grad=GradConfig(params=spec.params)),
               device=cfg["device"])
     return sdir
 
@@ -178,6 +184,14 @@ def make_curriculum(method: str, cfg: dict, seed: int, data: dict, cur: Path, sp
         if not have:
             curriculum.make_stage(scores_dir=stage0_scores(cfg, data, spec), selector="popi", ratio=ratio, out=cur,
                                   seed=seed)
+        return
+    if method == "family-random":
+        from cropi.select import stage_size
+
+        n = stage_size(len(set(schema.read_table(data["pool_traj"]).column("prompt").to_pylist())), ratio)
+        for s in range(len(have), spec.train.stages):
+            curriculum.make_stage(trajectories=target_pool(data), selector="random", n=n, out=cur,
+                                  seed=derive_seed(seed, method, s))
         return
     for s in range(len(have), spec.train.stages):
         curriculum.make_stage(trajectories=data["pool_traj"], selector=method, ratio=ratio, out=cur,

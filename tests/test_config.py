@@ -63,7 +63,7 @@ BAD_FILES = [  # (config text, the one line's expected tail after "FILE: ")
     ("compare:\n  seeds: 0\n", "field compare.seeds: expected a list of integers, got int 0"),
     ("compare:\n  seeds: [0, 0]\n", "field compare.seeds: 0 given twice"),
     ("compare:\n  methods: [full, bogus]\n",
-     "field compare.methods[1]: must be one of full, random, learnability, vcrl, oracle, cropi-norescore, cropi, got 'bogus'"),
+     "field compare.methods[1]: must be one of full, random, learnability, vcrl, oracle, family-random, cropi-norescore, cropi, got 'bogus'"),
     ("data:\n  targets:\n    ../../../x: default\n",
      "field data.targets: name '../../../x' must be 1-64 letters, digits, _ or - (it becomes a file name)"),
     ("data:\n  heldout:\n    other_test: default\n",

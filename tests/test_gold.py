@@ -146,3 +146,58 @@ def test_stage_shares_include_the_rescored_stages(tmp_path):
     shares = compare.stage_shares(d, {"tgt"})
     assert [(r["stage"], r["target_share"]) for r in shares] == [(0, 0.5), (1, 0.25), (2, 1.0)]
     assert [r["target_share"] for r in compare.stage_shares(tmp_path / "none", {"tgt"})] == []
+
+
+def fake_run(base, gold_final, gold_start=(0.1, 0.1), done=True):
+    """A finished method-seed dir whose eval at steps 0 and 5 holds per-prompt gold probabilities."""
+    run = base / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  group_size: 8\n")
+    rows = [{"event": "eval", "step": s, "target": {"t_test": 0.5}, "heldout": {"h": 0.1},
+             "target_gold": {"t_test": float(np.mean(g))}, "heldout_gold": {"h": 0.2}}
+            for s, g in ((0, gold_start), (5, gold_final))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for s, g in ((0, gold_start), (5, gold_final)):
+        (run / "eval" / f"step-{s}.json").write_text(json.dumps(
+            {"target": {"t_test": {"per_prompt": [0.5] * len(g), "gold_per_prompt": list(g)}}}))
+    if done:
+        (base / "done.json").write_text('{"seconds": 1}')
+
+
+def test_remedies_link_the_study_data_and_pair_with_random(tmp_path):
+    """A remedy's folder gets hard links to the study's data: θ_0's scores only when its scoring is
+    unchanged, the target sets only when its data is; its table pairs every method with random
+    by seed (mean of per-prompt differences, computed here by hand); unfinished runs are left out."""
+    import os
+
+    import pyarrow as pa
+
+    from cropi import schema
+    from pipelines import remedies
+
+    study, out = tmp_path / "study", tmp_path / "rem"
+    for rel in ("pool.traj.parquet", "tests/target_test.parquet", "scores-stage-0/meta.json"):
+        (study / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (study / "data" / rel).write_text(rel)
+    schema.write_parquet_atomic(pa.table({"task": ["tgt"]}), study / "data" / "targets" / "target.parquet")
+    for overrides, scores, targets in ((["train.stages=6"], True, True), (["score.params=last:1"], False, True),
+                                       (["data.target_per_spec=512"], False, False)):
+        root = tmp_path / "r" / overrides[0]
+        remedies.link_data(study, root, overrides)
+        assert os.path.samefile(root / "data" / "pool.traj.parquet", study / "data" / "pool.traj.parquet")
+        assert (root / "data" / "tests" / "target_test.parquet").exists()
+        assert (root / "data" / "scores-stage-0" / "meta.json").exists() == scores
+        assert (root / "data" / "targets" / "target.parquet").exists() == targets
+
+    fake_run(study / "random-s0", (0.1, 0.3))
+    fake_run(study / "random-s1", (0.2, 0.2))
+    fake_run(out / "adam-sign" / "cropi-norescore-s0", (0.3, 0.5))
+    fake_run(out / "adam-sign" / "cropi-norescore-s1", (0.2, 0.4))
+    fake_run(out / "adam-sign" / "cropi-norescore-s2", (0.9, 0.9), done=False)
+    comp = remedies.summarize(study, out, [0, 1, 2])
+    gold = comp["metrics"]["gold"]
+    assert set(gold["methods"]) == {"random", "adam-sign"}
+    assert [r["seed"] for r in gold["methods"]["adam-sign"]["seeds"]] == [0, 1]
+    assert gold["methods"]["adam-sign"]["ci"]["minus_ref"]["mean"] == pytest.approx((0.2 + 0.2 + 0.0 + 0.2) / 4)
+    assert "minus_ref" not in gold["methods"]["random"]["ci"]
+    assert "minus random (paired)" in (out / "remedies.md").read_text()

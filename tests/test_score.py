@@ -128,3 +128,41 @@ def test_cli_refuses_a_prompts_file_as_target(setup, tmp_path):
                                   "--model", str(setup / "model"), "--k", "16", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "roll it out first" in r.output and "\n" not in r.output.strip()
     assert not (tmp_path / "o").exists()
+
+
+def test_pool_grad_sign_scores_the_first_adam_step(setup, tmp_path):
+    """--pool-grad sign: each pool feature is sign(g_x) (exact with the identity projector, whose
+    plain features are the exact gradients), the target sets keep their plain gradients, and each
+    score is the cosine of sign(g_x) with the target set's mean gradient, computed here by hand."""
+    run(setup, tmp_path / "plain", projector="identity")
+    run(setup, tmp_path / "sign", projector="identity", pool_grad="sign")
+    plain, _ = features.load(tmp_path / "plain" / "features")
+    signed, _ = features.load(tmp_path / "sign" / "features")
+    assert np.abs(plain).max() > 0 and set(np.unique(signed)) <= {-1.0, 0.0, 1.0}
+    np.testing.assert_array_equal(signed, np.sign(plain))
+    scores = schema.read_table(tmp_path / "sign" / "scores.parquet", "scores")
+    ok = np.array(scores.column("status").to_pylist()) == "ok"
+    for t in ("t1", "t2"):
+        t_plain, _ = features.load(tmp_path / "plain" / "targets" / t)
+        t_sign, _ = features.load(tmp_path / "sign" / "targets" / t)
+        np.testing.assert_array_equal(t_sign, t_plain)
+        mean = t_plain[np.abs(t_plain).sum(1) > 0].astype(np.float64).mean(0)
+        want = signed[ok] @ mean / (np.linalg.norm(signed[ok], axis=1) * np.linalg.norm(mean))
+        np.testing.assert_allclose(scores.column(f"score__{t}").to_numpy()[ok], want, rtol=1e-6, atol=0)
+    assert features.read_meta(tmp_path / "sign" / "features")["pool_grad"] == "sign"
+
+
+def test_pool_grad_sign_refuses_what_it_cannot_do(setup, tmp_path):
+    """sign(g_x) needs each prompt's whole gradient before projection (not per-layer or kron),
+    is not what --check-rank's exact plain scores measure, and is not linear in fp16 loss scaling."""
+    for kw, says in ((dict(check_rank=4), "--check-rank"), (dict(dtype="fp16"), "fp16")):
+        with pytest.raises(ValueError, match=says):
+            S.ScoreConfig(pool_grad="sign", **kw)
+    for kw, says in ((dict(grad_path="per-layer"), "vmap"), (dict(projector="kron"), "kron")):
+        with pytest.raises(ValueError, match=says):
+            run(setup, tmp_path / "x", pool_grad="sign", **kw)
+    r = CliRunner().invoke(main, ["score", "--trajectories", str(setup / "pool.parquet"), "--target",
+                                  str(setup / "t1.parquet"), "--model", str(setup / "model"), "--pool-grad", "sign",
+                                  "--grad-path", "per-layer", "--k", "64", "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 2 and "--pool-grad sign needs --grad-path vmap" in r.output
+    assert not (tmp_path / "cli").exists()

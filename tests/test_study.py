@@ -155,8 +155,9 @@ def test_curves_have_y_labels_and_no_empty_panels(tmp_path):
 
 
 def test_oracle_and_norescore_curricula(setup, tmp_path):
-    """oracle: one stage holding exactly the pool's target-family prompts; cropi-norescore: one
-    stage holding the top 10 % of θ_0's scores (the same prompts cropi starts from); shares read back."""
+    """oracle: one stage holding exactly the pool's target-family prompts; family-random: every
+    stage a 10 %-of-the-pool draw from those prompts only; cropi-norescore: one stage holding the
+    top 10 % of θ_0's scores (the same prompts cropi starts from); shares read back."""
     from cropi import config, curriculum
     from pipelines import cropi_loop as L
 
@@ -175,6 +176,14 @@ def test_oracle_and_norescore_curricula(setup, tmp_path):
             "tests": {}, "heldout": {}}
     cfg = config.resolve({"model": str(setup / "model"), "score": {"k": 32}, "select": {"ratio": 0.1},
                           "train": {"stages": 3, "steps_per_stage": 2}}, config.run_layout(), "test")
+    cur = tmp_path / "family-random" / "curriculum"
+    spec = L._spec(cfg, "family-random", 0, data, cur)
+    L.make_curriculum("family-random", cfg, 0, data, cur, spec)
+    assert sorted(curriculum.stage_dirs(cur)) == [0, 1, 2] and spec.train.steps_per_stage == 2
+    tgt_ids = {r["id"] for r in pool if r["task"] == "tgt"}
+    drawn = [curriculum.read_stage(cur, s)[0].column("id").to_pylist() for s in range(3)]
+    assert all(len(ids) == 2 and set(ids) <= tgt_ids for ids in drawn)  # 10 % of 20, target family only
+    assert len({tuple(sorted(ids)) for ids in drawn}) > 1  # a fresh draw per stage
     for method in ("oracle", "cropi-norescore", "cropi"):
         cur = tmp_path / method / "curriculum"
         spec = L._spec(cfg, method, 0, data, cur)

@@ -252,6 +252,9 @@ class RunSpec:
     k: int = option(8192, "--rescore: projected dimension.", lo=1)
     combine: str = option("mean", "--rescore: how scores against several target sets combine.",
                           choices=COMBINE)
+    params: str = option("all", "--rescore: parameters whose gradients score (all | last:N | a regex on names).")
+    pool_grad: str = option("plain", "--rescore: pool features from g_x (plain) or sign(g_x) (a first Adam step).",
+                            choices=("plain", "sign"))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

@@ -72,6 +72,7 @@ def open_stage(
     cfg = spec.train
     src = stage_source(spec, run_dir, s)
     if src is None and spec.rescore:
+        from cropi.policy_grad import GradConfig
         from cropi.score import ScoreConfig, score
 
         sdir = run_dir / "scores" / f"stage-{s:03d}"
@@ -82,7 +83,8 @@ def open_stage(
             model=checkpoint_name,
             policy=dataclasses.replace(policy, path=checkpoint_name),  # recorded as "checkpoint"
             overwrite=True,
-            cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg.seed, combine=spec.combine),
+            cfg=ScoreConfig(projector=spec.projector, k=spec.k, seed=cfg.seed, combine=spec.combine,
+                            pool_grad=spec.pool_grad, grad=GradConfig(params=spec.params)),
         )
         src = run_dir / "curriculum"
         curriculum.make_stage(
