@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo validate calibrate test test-slow bench lint clean
+.PHONY: setup demo validate remedies calibrate test test-slow bench lint clean
 
 $(VENV)/.ok: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -31,11 +31,19 @@ demo: setup
 # (method, seed), two at a time (one thread each: the tiny model gains nothing from more), cropi's
 # re-scoring runs first, then the table over all of them.
 VALIDATE := OMP_NUM_THREADS=1 $(VENV)/bin/cropi run configs/validate.yaml
-STUDY_RUNS := $(foreach s,0 1 2 3 4,cropi:$(s)) $(foreach m,full oracle random learnability cropi-norescore,$(foreach s,0 1 2 3 4,$(m):$(s)))
+STUDY_RUNS := $(foreach s,0 1 2 3 4,cropi:$(s)) $(foreach m,full oracle random family-random learnability cropi-norescore,$(foreach s,0 1 2 3 4,$(m):$(s)))
 validate: setup
 	$(VALIDATE) --method cropi-norescore --seed 0 >/dev/null
 	printf '%s\n' $(STUDY_RUNS) | xargs -P 2 -I{} sh -c 'r={}; $(VALIDATE) --method $${r%%:*} --seed $${r##*:} >/dev/null'
 	$(VALIDATE)
+
+# The remedies tried when CROPI does not beat random (docs/validate-comparison.md): each a way of
+# scoring the paper or LESS uses, on the study's data (run `make validate` first), seeds 0-2, two
+# at a time, then the table of all of them beside the study's methods.
+REMEDIES := OMP_NUM_THREADS=1 $(PY) -m pipelines.remedies configs/validate.yaml
+remedies: setup
+	printf '%s\n' rescore-6 adam-sign last-block targets-512 | xargs -P 2 -I{} $(REMEDIES) --remedy {} >/dev/null
+	$(REMEDIES) --table-only
 
 # The study's calibration (docs/calibration.md): oracle and full data over lr × prompts a step, on
 # the study's data; two processes (one per prompts-a-step value), then the table of all cells.
