@@ -22,12 +22,10 @@ from cropi import models, tasks
 from cropi.evaluate import evaluate, gold_batch
 from cropi.runtime import derive_seed, progress
 
-# The families of the embedded default: a target family (one-digit + and -), two that share its
-# skill in other words, and two that do not. Each has thousands of distinct prompts.
-TARGET_SPEC = "basic_arithmetic:difficulty=0"
-RELATED_SPECS = ("chain_sum:difficulty=0", "chain_sum:difficulty=1")
-UNRELATED_SPECS = ("count_bits:difficulty=0", "spell_backward:difficulty=0")
-WARMUP_SPECS = (TARGET_SPEC, *RELATED_SPECS, *UNRELATED_SPECS)
+# The families of the embedded default (`cropi.tasks`): a target family, two that share its skill
+# in other words, and two that do not.
+TARGET_SPEC = tasks.TARGET_SPEC
+WARMUP_SPECS = (TARGET_SPEC, *tasks.RELATED_SPECS, *tasks.UNRELATED_SPECS)
 
 
 def sft_loss(policy: models.Policy, rows: list[dict]) -> torch.Tensor:

@@ -1,8 +1,21 @@
-"""Synthetic per-prompt data for the gradient tests (token ids of the tiny char tokenizer), and the
-plain-autograd reference gradient they are checked against."""
+"""Synthetic per-prompt data for the gradient tests (token ids of the tiny char tokenizer), the
+plain-autograd reference gradient they are checked against, and the task specs the task and
+reward tests cover."""
 
 import numpy as np
 import torch
+
+# Specs with short ASCII questions and answers (mean prompt 51-115 characters per spec, answers
+# 1-17): what the tiny char-level model can read. complex_arithmetic keeps to + and - because its
+# other operators print as non-ASCII symbols. The task and reward tests cover their families.
+ASCII_SPECS = (
+    *(f"basic_arithmetic:difficulty={d}" for d in (0, 1)),
+    *(f"chain_sum:difficulty={d}" for d in (0, 1)),
+    *(f"count_bits:difficulty={d}" for d in (0, 1, 2)),
+    *(f"spell_backward:difficulty={d}" for d in (1, 2, 3)),
+    "simple_equations:difficulty=0",
+    "complex_arithmetic:difficulty=0,operations_weights=0.5|0.5|0|0",
+)
 
 
 def prompts(n, G, seed, prompt_len=(3, 9), resp_len=(1, 7), vary_len=True):

@@ -6,10 +6,12 @@ import json
 import pytest
 import reasoning_gym
 
+import synthetic
+
 from cropi import rewards, tasks
 from cropi.rewards import extract_answer, reward
 
-DEFAULT_FAMILIES = sorted({tasks.parse_task_spec(s)[0] for s in tasks.DEFAULT_TRAIN_SPECS})
+FAMILIES = sorted({tasks.parse_task_spec(s)[0] for s in synthetic.ASCII_SPECS})
 
 
 def test_extract_answer_forms():
@@ -100,7 +102,7 @@ def test_verifier_math_overrides_the_task_scorer():
         reward("Answer: 1", "1", "math", verifier="maths")
 
 
-@pytest.mark.parametrize("family", DEFAULT_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_reasoning_gym_scorers_binary_and_partial(family):
     """Entries straight from reasoning-gym (metadata as live objects) against our reward on the
     same answer text, metadata passed as the pool stores it (JSON)."""
@@ -128,8 +130,8 @@ def test_partial_credit_only_when_asked():
         assert reward(f"Answer: {wrong}", "olleh", "spell_backward", meta, partial=True) == pytest.approx(own(wrong, entry))
 
 
-def test_default_pool_gold_answers_score_one():
-    t = tasks.make_pool(list(tasks.DEFAULT_TRAIN_SPECS), 3, 5, "val")
+def test_gold_answers_score_one():
+    t = tasks.make_pool(list(synthetic.ASCII_SPECS), 3, 5, "val")
     rows = t.to_pylist()
     assert rewards.rewards([f"Answer: {r['answer']}" for r in rows], rows) == [1.0] * len(rows)
     assert rewards.rewards([f"\\boxed{{{r['answer']}}}" for r in rows], rows) == [1.0] * len(rows)

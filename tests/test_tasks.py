@@ -8,9 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 import reasoning_gym
 
-from cropi import schema, tasks
+import synthetic
 
-DEFAULT_FAMILIES = sorted({tasks.parse_task_spec(s)[0] for s in tasks.DEFAULT_TRAIN_SPECS})
+from cropi import models, schema, tasks
+
+FAMILIES = sorted({tasks.parse_task_spec(s)[0] for s in synthetic.ASCII_SPECS})
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -61,7 +63,7 @@ def test_parse_task_spec_errors_name_the_problem(spec, needle):
 def test_list_tasks():
     names = tasks.list_tasks()
     assert names == sorted(names) and len(names) > 50
-    assert set(DEFAULT_FAMILIES) <= set(names)
+    assert set(FAMILIES) <= set(names)
     assert "composite" not in names and "sudoku" not in names
 
 
@@ -177,16 +179,25 @@ def test_duplicate_questions_dropped_deterministically():
         tasks.make_pool(["count_bits", "count_bits:"], 5, 0)
 
 
-def test_default_specs_are_short_ascii_and_mixed():
+def test_ascii_specs_are_short_and_mixed():
+    t = tasks.make_pool(list(synthetic.ASCII_SPECS), 8, 0)
+    prompts = t.column("prompt").to_pylist()
+    assert len(FAMILIES) >= 6 and sum(map(len, prompts)) / len(prompts) < 120
+    assert all(c == "\n" or " " <= c <= "~" for p in prompts + t.column("answer").to_pylist() for c in p)
+    assert len(set(t.column("difficulty").to_pylist())) >= 3
+
+
+def test_default_specs_are_the_shipped_policys_mix():
+    """The default pool, target and held-out sets are the specs the embedded policy was warmed up
+    on (its recipe in cropi/assets/tiny/cropi.json): the target family is in the pool, the held-out
+    sets are other families."""
+    recipe = json.loads((models.SHIPPED_TINY / "cropi.json").read_text())["recipe"]
+    assert set(tasks.DEFAULT_TRAIN_SPECS) | set(tasks.DEFAULT_HELDOUT_SPECS) == set(recipe["specs"])
+    assert tasks.DEFAULT_TARGET_SPECS == (recipe["target"],)
     assert set(tasks.DEFAULT_TARGET_SPECS) < set(tasks.DEFAULT_TRAIN_SPECS)
     target = {tasks.parse_task_spec(s)[0] for s in tasks.DEFAULT_TARGET_SPECS}
     heldout = {tasks.parse_task_spec(s)[0] for s in tasks.DEFAULT_HELDOUT_SPECS}
-    assert target and heldout and target.isdisjoint(heldout) and len(DEFAULT_FAMILIES) >= 6
-    t = tasks.make_pool(list(tasks.DEFAULT_TRAIN_SPECS), 8, 0)
-    prompts = t.column("prompt").to_pylist()
-    assert sum(map(len, prompts)) / len(prompts) < 120
-    assert all(c == "\n" or " " <= c <= "~" for p in prompts + t.column("answer").to_pylist() for c in p)
-    assert len(set(t.column("difficulty").to_pylist())) >= 3
+    assert heldout and target.isdisjoint(heldout)
 
 
 def test_format_prompt():
