@@ -189,6 +189,9 @@ def test_remedies_link_the_study_data_and_pair_with_random(tmp_path):
         assert (root / "data" / "scores-stage-0" / "meta.json").exists() == scores
         assert (root / "data" / "targets" / "target.parquet").exists() == targets
 
+    assert remedies.overrides_of("rescore-2x", {"train": {"stages": 3, "steps_per_stage": 10}}) == [
+        "train.stages=6", "train.steps_per_stage=5"]  # the same 30 steps, re-scored every 5
+
     fake_run(study / "random-s0", (0.1, 0.3))
     fake_run(study / "random-s1", (0.2, 0.2))
     fake_run(out / "adam-sign" / "cropi-norescore-s0", (0.3, 0.5))

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import reasoning_gym
-
 import synthetic
 
 from cropi import rewards, tasks

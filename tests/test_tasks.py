@@ -7,7 +7,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import reasoning_gym
-
 import synthetic
 
 from cropi import models, schema, tasks
