@@ -40,14 +40,14 @@ validate: setup
 # The remedies tried when CROPI does not beat random (docs/validate-comparison.md): each a way of
 # scoring the paper or LESS uses, on the study's data (run `make validate` first), seeds 0-2, two
 # at a time, then the table of all of them beside the study's methods.
-REMEDIES := OMP_NUM_THREADS=1 $(PY) -m pipelines.remedies configs/validate.yaml
+REMEDIES := env OMP_NUM_THREADS=1 $(PY) -m pipelines.remedies configs/validate.yaml
 remedies: setup
 	printf '%s\n' rescore-2x adam-sign last-block targets-512 | xargs -P 2 -I{} $(REMEDIES) --remedy {} >/dev/null
 	$(REMEDIES) --table-only
 
 # The study's calibration (docs/calibration.md): oracle and full data over lr × prompts a step, on
 # the study's data; two processes (one per prompts-a-step value), then the table of all cells.
-CALIBRATE := OMP_NUM_THREADS=1 $(PY) -m pipelines.calibrate configs/validate.yaml --lr 2e-5 --lr 5e-5 --lr 1e-4 --lr 2e-4
+CALIBRATE := env OMP_NUM_THREADS=1 $(PY) -m pipelines.calibrate configs/validate.yaml --lr 2e-5 --lr 5e-5 --lr 1e-4 --lr 2e-4
 calibrate: setup
 	OMP_NUM_THREADS=1 $(PY) -m pipelines.calibrate configs/validate.yaml --data-only
 	printf '%s\n' 8 32 | xargs -P 2 -I{} $(CALIBRATE) --batch {}
