@@ -132,6 +132,18 @@ def steps_to_reach(steps: list[int], acc: list, level) -> float | None:
     return None
 
 
+def reach_bound(row: dict) -> float | None:
+    """Steps to reach full data's final value, for intervals: a run that never reaches it counts
+    as one eval interval past its last step (a lower bound on its true steps). None without a
+    full run for its seed."""
+    if row["full_final_target"] is None:
+        return None
+    if row["steps_to_full_final"] is not None:
+        return row["steps_to_full_final"]
+    steps = row["curves"]["steps"]
+    return float(steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 0))
+
+
 def bootstrap_ci(acc: np.ndarray, seed: int = 0, n: int = BOOTSTRAP, level: float = CI) -> dict:
     """Mean of ``acc`` [S seeds, N prompts] and its percentile interval when seeds and prompts are
     resampled with replacement (the same prompt draw for every seed of a resample). A difference
@@ -191,6 +203,7 @@ def summarize_metric(runs: dict, families: set[str], metric: str, ref: str = "cr
             finals.setdefault(m, {})[int(seed)] = (per_prompt(d / "run", c["steps"][-1], metric) if c["steps"] else {},
                                                    per_prompt(d / "run", c["steps"][0], metric) if c["steps"] else {})
         out["methods"][m] = {"seeds": rows}
+    reach = {m: {r["seed"]: reach_bound(r) for r in d["seeds"]} for m, d in out["methods"].items()}
     base = finals.get(ref, {})
     for m, d in out["methods"].items():
         seeds = sorted(finals[m])
@@ -210,6 +223,12 @@ def summarize_metric(runs: dict, families: set[str], metric: str, ref: str = "cr
             b = _matrix([base[s][0] for s in common], "targeted")
             if a is not None and b is not None and a.shape == b.shape:
                 ci["minus_ref"] = bootstrap_ci(a - b)
+        steps = [reach[m][s] for s in seeds]
+        if "full" in out["methods"] and m != "full" and None not in steps:
+            ci["steps"] = bootstrap_ci(np.array(steps, dtype=np.float64)[:, None])
+            paired = [s for s in seeds if reach.get(ref, {}).get(s) is not None]
+            if m != ref and paired:
+                ci["steps_minus_ref"] = bootstrap_ci(np.array([reach[m][s] - reach[ref][s] for s in paired])[:, None])
         d["ci"] = ci
         stages = max((len(r["selection"]) for r in d["seeds"]), default=0)
         d["target_share"] = [float(np.mean([r["selection"][s]["target_share"] for r in d["seeds"] if len(r["selection"]) > s]))
@@ -267,10 +286,10 @@ def _ms(xs) -> str:
     return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-def _ci(c: dict | None, signed: bool = False) -> str:
+def _ci(c: dict | None, signed: bool = False, digits: int = 3) -> str:
     if not c:
         return "—"
-    f = "{:+.3f}" if signed else "{:.3f}"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
     return f"{f.format(c['mean'])} [{f.format(c['lo'])}, {f.format(c['hi'])}]"
 
 
@@ -292,10 +311,12 @@ def metric_table(block: dict) -> str:
     """Markdown of one metric block: one row per method."""
     methods, ref = block["methods"], block.get("ref", "cropi")
     has_full = "full" in methods
-    others = sorted({k for d in methods.values() for k in d.get("ci", {})} - {"targeted", "gradient", "gain", "minus_ref"})
+    own = {"targeted", "gradient", "gain", "minus_ref", "steps", "steps_minus_ref"}
+    others = sorted({k for d in methods.values() for k in d.get("ci", {})} - own)
     head = (["method", "targeted [95 % CI]", f"minus {ref} (paired) [95 % CI]", "gain over step 0 [95 % CI]"]
             + list(others)
-            + ["target-gradient prompts", "target share per stage", "steps to full-data final", "rollouts", "wall s"])
+            + ["target-gradient prompts", "target share per stage", "steps to full-data final [95 % CI]",
+               f"steps minus {ref} (paired) [95 % CI]", "rollouts", "wall s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, d in methods.items():
         s, ci = d["seeds"], d.get("ci", {})
@@ -307,13 +328,15 @@ def metric_table(block: dict) -> str:
         elif not has_full:
             reach = "n/a (no full run)"
         else:
-            xs = [r["steps_to_full_final"] for r in s]
-            n = sum(x is not None for x in xs)
-            reach = "not reached" if n == 0 else _ms(xs) + (f" ({n}/{len(s)} seeds)" if n < len(s) else "")
+            n = sum(r["steps_to_full_final"] is not None for r in s)
+            reach = (_ci(ci.get("steps"), digits=1) if ci.get("steps") else "—") + (
+                f" ({n}/{len(s)} seeds reach it)" if n < len(s) else "")
         share = " / ".join(f"{x:.2f}" for x in d.get("target_share", [])) or "—"
         row = ([m, tgt, "reference" if m == ref else _ci(ci.get("minus_ref"), True), _ci(ci.get("gain"), True)]
                + [_ci(ci.get(k)) for k in others]
-               + [_ci(ci.get("gradient")), share, reach, str(int(np.mean([r["rollouts"] for r in s]))),
+               + [_ci(ci.get("gradient")), share, reach,
+                  "reference" if m == ref else _ci(ci.get("steps_minus_ref"), True, digits=1),
+                  str(int(np.mean([r["rollouts"] for r in s]))),
                   f"{np.mean([r['wall_seconds'] or 0 for r in s]):.0f}"])
         lines.append("| " + " | ".join(row) + " |")
     fg = block.get("full_gain")

@@ -204,3 +204,19 @@ def test_remedies_link_the_study_data_and_pair_with_random(tmp_path):
     assert gold["methods"]["adam-sign"]["ci"]["minus_ref"]["mean"] == pytest.approx((0.2 + 0.2 + 0.0 + 0.2) / 4)
     assert "minus_ref" not in gold["methods"]["random"]["ci"]
     assert "minus random (paired)" in (out / "remedies.md").read_text()
+
+
+def test_steps_to_full_data_final_with_paired_intervals(tmp_path):
+    """Steps to reach full data's final targeted value get a bootstrap interval over seeds and a
+    paired difference; a run that never reaches it counts as one eval interval past its end."""
+    for s in (0, 1):
+        fake_run(tmp_path / f"full-s{s}", (0.2, 0.2))
+        fake_run(tmp_path / f"random-s{s}", (0.1, 0.1 + 0.05 * s))  # never reaches 0.2: bound 5 + 5
+        fake_run(tmp_path / f"cropi-s{s}", (0.3, 0.3))  # reaches it at step 5
+    runs = {m: [str(tmp_path / f"{m}-s{s}") for s in (0, 1)] for m in ("full", "random", "cropi")}
+    block = compare.summarize_metric(runs, {"tgt"}, "gold", ref="cropi")
+    ci = {m: d["ci"] for m, d in block["methods"].items()}
+    assert ci["cropi"]["steps"]["mean"] == 5.0 and ci["random"]["steps"]["mean"] == 10.0
+    assert ci["random"]["steps_minus_ref"] == {"mean": 5.0, "lo": 5.0, "hi": 5.0, "seeds": 2, "prompts": 1}
+    assert "steps" not in ci["full"] and "steps_minus_ref" not in ci["cropi"]
+    assert "10.0 [10.0, 10.0] (0/2 seeds reach it) | +5.0 [+5.0, +5.0]" in compare.metric_table(block)
