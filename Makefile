@@ -42,7 +42,7 @@ validate: setup
 # at a time, then the table of all of them beside the study's methods.
 REMEDIES := env OMP_NUM_THREADS=1 $(PY) -m pipelines.remedies configs/validate.yaml
 remedies: setup
-	printf '%s\n' rescore-2x adam-sign last-block targets-512 | xargs -P 2 -I{} $(REMEDIES) --remedy {} >/dev/null
+	printf '%s\n' rescore-2x adam-sign last-block targets-512 family-random-kept | xargs -P 2 -I{} $(REMEDIES) --remedy {} >/dev/null
 	$(REMEDIES) --table-only
 
 # The study's calibration (docs/calibration.md): oracle and full data over lr × prompts a step, on

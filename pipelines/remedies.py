@@ -1,7 +1,9 @@
 """The remedies for a selection that does not beat random (docs/validate-comparison.md).
 
 Each remedy is one way of scoring (or re-scoring) that the CROPI paper or LESS uses, run on the
-study's own data and budget and compared with the study's methods, paired by seed:
+study's own data and budget and compared with the study's methods, paired by seed (one more
+entry is a control that keeps a random target-family draw for all steps, as cropi-norescore
+keeps its stage):
 
     STUDY/data/...                the study's pool, offline rollout, test and held-out sets (read)
     OUT/<remedy>/data/...         hard links to them (θ_0's scores too when the scoring is unchanged)
@@ -30,6 +32,12 @@ def twice_the_stages(cfg: dict) -> list[str]:
     return [f"train.stages={2 * t['stages']}", f"train.steps_per_stage={t['steps_per_stage'] // 2}"]
 
 
+def one_stage(cfg: dict) -> list[str]:
+    """All steps in one stage: the stage drawn once is kept, as cropi-norescore keeps θ_0's."""
+    t = cfg["train"]
+    return ["train.stages=1", f"train.steps_per_stage={t['stages'] * t['steps_per_stage']}"]
+
+
 # name -> (config overrides, or a function of the study's config giving them; method; what it changes)
 REMEDIES = {
     "last-block": (["score.params=last:1"], "cropi-norescore",
@@ -40,6 +48,9 @@ REMEDIES = {
                     "the target gradient from 512 val prompts instead of 64"),
     "rescore-2x": (twice_the_stages, "cropi",
                    "re-scoring twice as often: twice the stages, half the steps each (the same steps in all)"),
+    "family-random-kept": (one_stage, "family-random",
+                           "a control, not a remedy: one random draw of the target family kept for all steps, "
+                           "as cropi-norescore keeps its stage"),
 }
 STUDY_METHODS = ("random", "family-random", "cropi-norescore", "cropi", "oracle", "full")
 

@@ -191,6 +191,8 @@ def test_remedies_link_the_study_data_and_pair_with_random(tmp_path):
 
     assert remedies.overrides_of("rescore-2x", {"train": {"stages": 3, "steps_per_stage": 10}}) == [
         "train.stages=6", "train.steps_per_stage=5"]  # the same 30 steps, re-scored every 5
+    assert remedies.overrides_of("family-random-kept", {"train": {"stages": 3, "steps_per_stage": 10}}) == [
+        "train.stages=1", "train.steps_per_stage=30"]
 
     fake_run(study / "random-s0", (0.1, 0.3))
     fake_run(study / "random-s1", (0.2, 0.2))
