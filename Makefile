@@ -38,7 +38,7 @@ validate: setup
 	$(VALIDATE)
 
 # The remedies tried when CROPI does not beat random (docs/validate-comparison.md): each a way of
-# scoring the paper or LESS uses, on the study's data (run `make validate` first), seeds 0-2, two
+# scoring the paper or LESS uses, on the study's data (run `make validate` first), seeds 0-4, two
 # at a time, then the table of all of them beside the study's methods.
 REMEDIES := env OMP_NUM_THREADS=1 $(PY) -m pipelines.remedies configs/validate.yaml
 remedies: setup

@@ -119,7 +119,7 @@ def summarize(study: Path, out: Path, seeds: list[int]) -> dict:
               show_default=True)
 @click.option("--remedy", "names", type=click.Choice(list(REMEDIES)), multiple=True,
               help="Only these remedies, repeatable [default: all].")
-@click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True, default=(0, 1, 2), show_default=True)
+@click.option("--seed", "seeds", type=click.IntRange(min=0), multiple=True, default=(0, 1, 2, 3, 4), show_default=True)
 @click.option("--table-only", is_flag=True, help="Only write the table of the finished runs.")
 def main(config_path, study, out, names, seeds, table_only):
     """Run the remedies of CONFIG's study (`make remedies`) and write OUT/remedies.md."""
