@@ -514,7 +514,7 @@ def _run_checks(cfg: dict) -> None:
 def run_layout() -> Layout:
     """`cropi run CONFIG`: data, one offline rollout, score/select/train per stage, baselines."""
     from cropi import models, projection
-    from cropi.influence import COMBINE
+    from cropi.influence import COMBINE, POOL_GRADS
 
     specs = Specs | None
     return Layout(
@@ -550,7 +550,7 @@ def run_layout() -> Layout:
             Key("score.combine", str, "mean", "How scores against several target sets combine.", choices=COMBINE),
             Key("score.params", str, "all", "Parameters whose gradients score: all | last:N | a regex on names."),
             Key("score.pool_grad", str, "plain", "Pool features from g_x (plain) or sign(g_x) (a first Adam step).",
-                choices=("plain", "sign")),
+                choices=POOL_GRADS),
             Key("score.check_influence", int, 0,
                 "Pool prompts in the stage-0 check that scores predict one step's change of the target objective.",
                 lo=0),

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats
 
 COMBINE = ("mean", "max", "rrf")
+POOL_GRADS = ("plain", "sign")  # pool features from g_x, or from sign(g_x) (`cropi.score.pool_transform`)
 
 
 def cosine(features: np.ndarray, target: np.ndarray, eps: float = 1e-30) -> np.ndarray:

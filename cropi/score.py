@@ -45,9 +45,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAD_PATHS = ("auto", "per-layer", "vmap")
 
 
-POOL_GRADS = ("plain", "sign")
-
-
 def pool_transform(cfg) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """What each pool prompt's gradient goes through before projection: None (plain) or
     ``torch.sign`` (``pool_grad=sign``). Adam's first step from a fresh state is lr·sign(g_x), so
@@ -84,7 +81,7 @@ class ScoreConfig:
     grad_path: str = option("auto", "How per-prompt gradients are formed.", choices=(*GRAD_PATHS, "kron"))
     pool_grad: str = option("plain", "Pool features from g_x (plain) or from sign(g_x), the direction of a first "
                                      "Adam step (Adam-preconditioned, as LESS); target gradients stay plain.",
-                            choices=POOL_GRADS)
+                            choices=influence.POOL_GRADS)
 
     def __post_init__(self):
         check_fields(self)

@@ -34,7 +34,7 @@ import click
 from cropi import config, schema
 from cropi.advantages import BATCH_MEAN_GROUP_STD
 from cropi.config import ConfigError, option
-from cropi.influence import COMBINE
+from cropi.influence import COMBINE, POOL_GRADS
 from cropi.projection import PROJECTORS
 from cropi.runtime import MAX_NEW_TOKENS
 from cropi.select import SELECTORS
@@ -254,7 +254,7 @@ class RunSpec:
                           choices=COMBINE)
     params: str = option("all", "--rescore: parameters whose gradients score (all | last:N | a regex on names).")
     pool_grad: str = option("plain", "--rescore: pool features from g_x (plain) or sign(g_x) (a first Adam step).",
-                            choices=("plain", "sign"))
+                            choices=POOL_GRADS)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
