@@ -106,16 +106,20 @@ def choose_grad_path(cfg: ScoreConfig, model, d: int) -> tuple[str, str]:
         return "kron", "the kron projector forms its features from one batched backward"
     if cfg.grad_path not in GRAD_PATHS:
         raise ValueError(f"--grad-path must be one of {', '.join(GRAD_PATHS)}, got {cfg.grad_path!r}")
+    batch_bytes = cfg.batch * d * 4
     if cfg.pool_grad == "sign":  # sign(g_x) needs each prompt's whole gradient before projecting it
         if cfg.grad_path == "per-layer" or cfg.grad_checkpointing:
             raise ValueError("--pool-grad sign needs --grad-path vmap (per-layer projects partial gradients)")
+        if cfg.grad_path == "auto" and batch_bytes > VMAP_BYTES:  # what auto would not give vmap, said, not run
+            raise ValueError(f"--pool-grad sign needs the vmap path, where a batch's P x d gradients take "
+                             f"{batch_bytes / 2**30:.2f} GiB (> 1 GiB): lower --batch to "
+                             f"{max(1, VMAP_BYTES // (d * 4))}, or pass --grad-path vmap to run it anyway")
         return "vmap", "--pool-grad sign: each prompt's whole gradient before projection"
     if cfg.grad_path == "vmap" and cfg.grad_checkpointing:
         raise ValueError("--grad-checkpointing needs --grad-path per-layer (or auto)")
     if cfg.grad_path != "auto":
         return cfg.grad_path, "--grad-path"
     n_model = sum(p.numel() for p in model.parameters())
-    batch_bytes = cfg.batch * d * 4
     if cfg.grad_checkpointing:
         return "per-layer", "--grad-checkpointing"
     if n_model > REAL_MODEL_PARAMS:

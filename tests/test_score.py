@@ -152,7 +152,7 @@ def test_pool_grad_sign_scores_the_first_adam_step(setup, tmp_path):
     assert features.read_meta(tmp_path / "sign" / "features")["pool_grad"] == "sign"
 
 
-def test_pool_grad_sign_refuses_what_it_cannot_do(setup, tmp_path):
+def test_pool_grad_sign_refuses_what_it_cannot_do(setup, tmp_path, monkeypatch):
     """sign(g_x) needs each prompt's whole gradient before projection (not per-layer or kron),
     is not what --check-rank's exact plain scores measure, and is not linear in fp16 loss scaling."""
     for kw, says in ((dict(check_rank=4), "--check-rank"), (dict(dtype="fp16"), "fp16")):
@@ -161,6 +161,12 @@ def test_pool_grad_sign_refuses_what_it_cannot_do(setup, tmp_path):
     for kw, says in ((dict(grad_path="per-layer"), "vmap"), (dict(projector="kron"), "kron")):
         with pytest.raises(ValueError, match=says):
             run(setup, tmp_path / "x", pool_grad="sign", **kw)
+    # a batch auto would keep off the vmap path (as for a real model) is refused, not run
+    d = sum(p.numel() for p in models.load(str(setup / "model")).model.parameters())
+    monkeypatch.setattr(S, "VMAP_BYTES", 2 * d * 4)  # two prompts' gradients fit, three (run's batch) do not
+    with pytest.raises(ValueError, match="lower --batch to 2, or pass --grad-path vmap"):
+        run(setup, tmp_path / "y", pool_grad="sign")
+    assert run(setup, tmp_path / "z", pool_grad="sign", grad_path="vmap")["grad_path"]["ran"] == "vmap"
     r = CliRunner().invoke(main, ["score", "--trajectories", str(setup / "pool.parquet"), "--target",
                                   str(setup / "t1.parquet"), "--model", str(setup / "model"), "--pool-grad", "sign",
                                   "--grad-path", "per-layer", "--k", "64", "--out", str(tmp_path / "cli")])
